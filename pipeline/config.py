@@ -1,0 +1,219 @@
+"""Run configuration: YAML validated by typed models, before anything runs.
+
+Unknown keys, wrong types and missing input files raise `ConfigError` naming
+the key path (`sources.1.text_field: ...`). `--set a.b=value` overrides any key
+(values parse as YAML, so `--set pack.seq_len=4096` is an int). A stage whose
+section is absent is skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline import storage
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration; the message names the key or file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """One input: a glob of files (local or URI), or a HF datasets spec."""
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "text", "hf_disk", "hf"] = "auto"
+    text_field: str | None = None
+    id_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    # format: text — one document per file, or one per non-empty line.
+    text_unit: Literal["file", "line"] = "file"
+    # format: hf — keyword arguments for datasets.load_dataset (split, name, data_files, ...).
+    hf_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fields(self):
+        sft = self.prompt_field is not None or self.response_field is not None
+        if sft and (self.prompt_field is None or self.response_field is None):
+            raise ValueError("SFT sources need both prompt_field and response_field")
+        if sft and self.text_field is not None:
+            raise ValueError("give either text_field or prompt_field + response_field, not both")
+        return self
+
+    @property
+    def is_sft(self) -> bool:
+        return self.prompt_field is not None
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        p = self.path.lower()
+        if p.startswith("hf:"):
+            return "hf"
+        for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"),
+                         (".parquet", "parquet"), (".txt", "text"), (".md", "text")):
+            if p.endswith(ext) or p.endswith(ext + ".gz") or p.endswith(ext + ".zst"):
+                return fmt
+        return "hf_disk"  # a directory written by datasets.save_to_disk
+
+
+class ReadConfig(_Strict):
+    chunk_bytes: int = Field(64 << 20, ge=1 << 10, description="text bytes per read part")
+    max_doc_chars: int = Field(50_000_000, ge=1, description="longer documents are quarantined")
+
+
+class TokenizerConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    spec: str
+    add_bos: bool | None = None   # None: the tokenizer's own default (HF/SentencePiece)
+    add_eos: bool = True
+    chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+
+    @field_validator("spec")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        if not re.match(r"^(hf|tiktoken|sentencepiece):.+", v):
+            raise ValueError("spec must be hf:<tokenizer.json or dir>, tiktoken:<encoding> "
+                             "or sentencepiece:<file.model>")
+        return v
+
+
+class TokenizeConfig(_Strict):
+    tokenizers: list[TokenizerConfig] = Field(min_length=1)
+    docs_per_batch: int = Field(1024, ge=1)
+
+    @field_validator("tokenizers")
+    @classmethod
+    def _unique(cls, v):
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tokenizer names must be unique, got {names}")
+        return v
+
+
+class PackConfig(_Strict):
+    seq_len: int = Field(ge=2)
+    method: Literal["best_fit", "greedy"] = "best_fit"
+
+
+class OutputConfig(_Strict):
+    compression: Literal["zstd", "none"] = "zstd"
+    compression_level: int | None = None
+    rows_per_batch: int = Field(256, ge=1, description="rows per Arrow record batch")
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: float | None = Field(None, ge=0)
+
+
+class Config(_Strict):
+    run_dir: str
+    sources: list[SourceConfig] = Field(min_length=1)
+    read: ReadConfig = ReadConfig()
+    tokenize: TokenizeConfig | None = None
+    pack: PackConfig | None = None
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _chain(self):
+        if self.pack is not None and self.tokenize is None:
+            raise ValueError("pack needs a tokenize section")
+        return self
+
+    def content_sha256(self) -> str:
+        """Hash of everything that decides the output (not where it goes or how it runs)."""
+        body = self.model_dump(mode="json", exclude={"run_dir", "ray"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+# --- loading -----------------------------------------------------------------
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply `a.b.0.c=value` to nested dicts/lists; value parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {where} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {loc}: {msg}")
+    return f"invalid config {origin}:\n" + "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {origin}: the top level must be a mapping of keys")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return parse_config(data, origin=path)
+
+
+def check_inputs(config: Config) -> None:
+    """Fail before anything runs when an input file or tokenizer is missing."""
+    problems = []
+    for i, src in enumerate(config.sources):
+        fmt = src.resolved_format
+        if fmt == "hf":
+            continue  # a datasets spec is resolved by datasets itself
+        if not storage.glob(src.path):
+            problems.append(f"  sources.{i}.path: no file matches {src.path!r}")
+    if config.tokenize:
+        for i, tok in enumerate(config.tokenize.tokenizers):
+            kind, _, where = tok.spec.partition(":")
+            if kind in ("hf", "sentencepiece") and not storage.exists(where):
+                problems.append(f"  tokenize.tokenizers.{i}.spec: file not found: {where}")
+    if problems:
+        raise ConfigError("missing inputs:\n" + "\n".join(problems))

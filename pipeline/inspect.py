@@ -1,0 +1,121 @@
+"""`tokenmill inspect RUN_DIR`: stage status, counts, quarantine and shard statistics.
+
+`verify_shards` re-reads a shard set and recomputes what the manifest claims
+(counts, sha256 of every file) and the format's invariants; it is what
+`inspect --verify` and the tests use.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+
+from operators import schema as S
+from pipeline import sink, storage
+
+
+def _fixed(table: pa.Table, col: str) -> np.ndarray:
+    arr = table.column(col).combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, arr.type.list_size)
+
+
+def verify_shards(shard_dir: str) -> dict:
+    """Recompute counts and check invariants; raises AssertionError naming the shard at fault."""
+    manifest = sink.read_manifest(shard_dir)
+    seq_len, pad_id = manifest["seq_len"], manifest["tokenizer"]["pad_id"]
+    counts = Counter()
+    for entry in manifest["shards"]:
+        path = storage.join(shard_dir, entry["file"])
+        assert storage.sha256_file(path) == entry["sha256"], f"{entry['file']}: sha256 does not match the manifest"
+        t = sink.read_table(path)
+        ids, tgt, loss, pos = (_fixed(t, c) for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, S.POSITION_IDS))
+        ntok = t.column(S.NUM_TOKENS).to_numpy()
+        real = np.arange(seq_len)[None, :] < ntok[:, None]
+        assert ids.shape[1] == seq_len, f"{entry['file']}: rows are not {seq_len} long"
+        assert (loss <= tgt).all(), f"{entry['file']}: loss_mask is not a subset of target_mask"
+        assert (ids[~real] == pad_id).all() and not tgt[~real].any() and not loss[~real].any(), \
+            f"{entry['file']}: padding is not pad_id with masks 0"
+        assert t.num_rows == entry["rows"], f"{entry['file']}: {t.num_rows} rows, manifest says {entry['rows']}"
+        starts = t.column(S.DOC_TOKEN_STARTS).combine_chunks().flatten().to_numpy()
+        counts.update(rows=t.num_rows, docs=int((starts == 0).sum()), tokens=int(ntok.sum()),
+                      target_tokens=int(tgt.sum()), loss_tokens=int(loss.sum()), pad_tokens=int((~real).sum()))
+    for k, v in manifest["counts"].items():
+        assert counts[k] == v, f"manifest counts.{k}={v} but the shards hold {counts[k]}"
+    return dict(counts)
+
+
+def reassemble(shard_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each document's (input_ids, target_mask, loss_mask), joined from its pieces in start order."""
+    pieces = defaultdict(list)
+    for entry in sink.read_manifest(shard_dir)["shards"]:
+        t = sink.read_table(storage.join(shard_dir, entry["file"]))
+        ids, tgt, loss = (_fixed(t, c) for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK))
+        ntok = t.column(S.NUM_TOKENS).to_numpy()
+        for r, (doc_ids, offsets, starts) in enumerate(zip(t.column(S.DOC_IDS).to_pylist(),
+                                                           t.column(S.DOC_OFFSETS).to_pylist(),
+                                                           t.column(S.DOC_TOKEN_STARTS).to_pylist())):
+            ends = offsets[1:] + [int(ntok[r])]
+            for d, a, b, s in zip(doc_ids, offsets, ends, starts):
+                pieces[d].append((s, ids[r, a:b], tgt[r, a:b], loss[r, a:b]))
+    out = {}
+    for d, ps in pieces.items():
+        ps.sort(key=lambda p: p[0])
+        expect = 0
+        for s, seg, _, _ in ps:
+            assert s == expect, f"document {d}: piece starts at {s}, expected {expect} (lost or repeated tokens)"
+            expect += len(seg)
+        out[d] = tuple(np.concatenate([p[i] for p in ps]) for i in (1, 2, 3))
+    return out
+
+
+def _stage_lines(run_dir: str) -> list[str]:
+    lines = []
+    candidates = ["read"]
+    for group in ("embed", "cluster", "mixture", "tokenize", "score", "select", "pack"):
+        sub = [f"{group}/{n}" for n in storage.listdir(storage.join(run_dir, group))
+               if n not in ("parts", "done", "_SUCCESS.json") and not n.endswith(".json")]
+        candidates += sub or ([group] if storage.exists(storage.join(run_dir, group)) else [])
+    for stage in candidates:
+        marker = storage.join(run_dir, *stage.split("/"), "_SUCCESS.json")
+        if storage.exists(marker):
+            m = json.loads(storage.read_text(marker))
+            lines.append(f"  {stage:<24} complete  rows_in={m.get('rows_in')} rows_out={m.get('rows_out')} "
+                         f"filtered={m.get('rows_filtered')} quarantined={m.get('rows_quarantined')}")
+        elif storage.exists(storage.join(run_dir, *stage.split("/"))):
+            done = len(storage.listdir(storage.join(run_dir, *stage.split("/"), "done")))
+            lines.append(f"  {stage:<24} incomplete ({done} items done)")
+    return lines
+
+
+def inspect_run(run_dir: str, verify: bool = False) -> str:
+    if not storage.exists(run_dir):
+        raise SystemExit(f"tokenmill inspect: no run directory at {run_dir}")
+    out = [f"run {run_dir}"]
+    if storage.exists(storage.join(run_dir, "config.sha256")):
+        out.append(f"config sha256 {storage.read_text(storage.join(run_dir, 'config.sha256')).strip()}")
+    out.append("stages:")
+    out += _stage_lines(run_dir) or ["  (none started)"]
+    reasons = Counter()
+    for name in storage.listdir(storage.join(run_dir, "quarantine")):
+        for line in storage.read_text(storage.join(run_dir, "quarantine", name)).splitlines():
+            reasons[json.loads(line)["reason"].split(":")[0]] += 1
+    if reasons:
+        out.append(f"quarantine: {sum(reasons.values())} rows")
+        out += [f"  {n:>8}  {r}" for r, n in reasons.most_common()]
+    for tok in storage.listdir(storage.join(run_dir, "shards")):
+        shard_dir = storage.join(run_dir, "shards", tok)
+        if not storage.exists(storage.join(shard_dir, "manifest.json")):
+            out.append(f"shards/{tok}: no manifest yet (incomplete)")
+            continue
+        m = sink.read_manifest(shard_dir)
+        c = m["counts"]
+        out.append(f"shards/{tok}: {len(m['shards'])} files, {c['rows']} rows x {m['seq_len']}, {c['docs']} docs, "
+                   f"{c['tokens']} tokens, {c['target_tokens']} targets, {c['loss_tokens']} in loss, "
+                   f"padding {m.get('packing', {}).get('padding_fraction', 0):.2%}, "
+                   f"{sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB ({m['tokenizer']['spec']})")
+        if verify:
+            verify_shards(shard_dir)
+            out.append(f"  verified: sha256, counts and invariants hold")
+    return "\n".join(out)

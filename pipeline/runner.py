@@ -1,0 +1,200 @@
+"""Run a config: plan the stages, check them, run each on Ray, commit markers.
+
+Stages and their directories under run_dir:
+
+    read/                 parts/<input>-<chunk>.arrow, done/<input>.json
+    tokenize/<tok>/       parts/<part>.arrow, done/<part>.json
+    pack/<tok>/           done/<part>.json      (shards go to shards/<tok>/)
+    shards/<tok>/         shard-NNNNN.arrow, manifest.json
+    quarantine/           <stage>-<item>.jsonl  (rejected rows with reasons)
+
+A stage is complete when `<stage>/_SUCCESS.json` exists; it is written last,
+after every item's outputs and markers. A re-run with the same config skips
+completed stages and completed items, so a killed run resumes and produces
+byte-identical shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import yaml
+
+from operators import schema as S
+from operators.tokenize import Tokenize
+from pipeline import storage
+from pipeline.config import Config, ConfigError, check_inputs
+from pipeline.readers import expand_source
+from pipeline.sink import write_manifest
+from pipeline.stages import RunLayout, pack_item, read_item, read_marker, tokenize_item, write_marker
+
+log = logging.getLogger("tokenmill")
+
+
+def say(message: str) -> None:
+    print(f"[tokenmill] {message}", file=sys.stderr, flush=True)
+
+
+# --- run directory ------------------------------------------------------------------
+
+def prepare_run_dir(config: Config, layout: RunLayout) -> None:
+    """Save the resolved config and its hash; refuse a run_dir that holds another config."""
+    digest = config.content_sha256()
+    hash_path = layout.path("config.sha256")
+    if storage.exists(hash_path):
+        previous = storage.read_text(hash_path).strip()
+        if previous != digest:
+            raise ConfigError(f"run_dir {layout.run_dir} holds a run of a different config (sha256 {previous[:12]}…, "
+                              f"this one {digest[:12]}…): use a new run_dir, or delete the old one to start over")
+    storage.makedirs(layout.run_dir)
+    storage.write_text_atomic(layout.path("config.yaml"),
+                              yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    storage.write_text_atomic(hash_path, digest + "\n")
+
+
+def _stage_done(layout: RunLayout, stage: str) -> dict | None:
+    marker = layout.stage_marker(stage)
+    return read_marker(marker) if storage.exists(marker) else None
+
+
+def _pending(layout: RunLayout, stage: str, items: list[dict]) -> tuple[list[dict], dict[str, dict]]:
+    done_names = {n[:-5] for n in storage.listdir(storage.join(layout.stage_dir(stage), "done")) if n.endswith(".json")}
+    finished = {it["name"]: read_marker(layout.done_marker(stage, it["name"])) for it in items if it["name"] in done_names}
+    return [it for it in items if it["name"] not in finished], finished
+
+
+def _run_stage(stage: str, items: list[dict], work, config: Config, layout: RunLayout, **ray_kwargs) -> list[dict]:
+    """Run the pending items of a stage, then commit the stage marker with totals."""
+    from pipeline.adapter import run_items
+    done = _stage_done(layout, stage)
+    if done is not None:
+        say(f"{stage}: complete, skipped ({_counts_line(done)})")
+        return done["items"]
+    pending, finished = _pending(layout, stage, items)
+    if finished:
+        say(f"{stage}: resuming, {len(finished)} of {len(items)} items already done")
+    t0 = time.time()
+    new = {r["item"]: r for r in run_items(stage, pending, work, config=config, run_dir=layout.run_dir, **ray_kwargs)}
+    results = [finished.get(it["name"]) or new[it["name"]] for it in items]
+    totals = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rows_filtered", "rows_quarantined")}
+    assert totals["rows_in"] == totals["rows_out"] + totals["rows_filtered"] + totals["rows_quarantined"], totals
+    summary = {"stage": stage, **totals, "items": results, "seconds": round(time.time() - t0, 3)}
+    write_marker(layout.stage_marker(stage), summary)
+    say(f"{stage}: {_counts_line(summary)} in {summary['seconds']:.1f}s")
+    return results
+
+
+def _counts_line(summary: dict) -> str:
+    return (f"rows_in={summary['rows_in']} rows_out={summary['rows_out']} "
+            f"filtered={summary['rows_filtered']} quarantined={summary['rows_quarantined']}")
+
+
+# --- planning ---------------------------------------------------------------------------
+
+def check_chain(config: Config) -> list[str]:
+    """Stages that will run, after checking each one's input columns exist upstream."""
+    have = set(S.DOC_SCHEMA.names)
+    chain = [("read", (), tuple(S.DOC_SCHEMA.names))]
+    if config.tokenize:
+        chain.append(("tokenize", Tokenize.reads, Tokenize.adds))
+    if config.pack:
+        chain.append(("pack", (S.ID, S.INPUT_IDS, S.TARGET_MASK), ()))
+    for name, reads, adds in chain:
+        missing = [c for c in reads if c not in have]
+        if missing:
+            raise ConfigError(f"stage {name} needs columns {missing} that no earlier stage produces")
+        have |= set(adds)
+    return [name for name, _, _ in chain]
+
+
+def load_tokenizers(config: Config) -> list[Tokenize]:
+    """Load each tokenizer once in the driver: bad specs fail before Ray starts."""
+    ops = []
+    for i, t in enumerate(config.tokenize.tokenizers if config.tokenize else []):
+        op = Tokenize(spec=t.spec, add_bos=t.add_bos, add_eos=t.add_eos, chat_template=t.chat_template,
+                      read_bytes=storage.read_bytes, exists=storage.exists)
+        try:
+            op.setup()
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"tokenize.tokenizers.{i} ({t.name}): {e}") from None
+        ops.append(op)
+    return ops
+
+
+# --- the run ------------------------------------------------------------------------------
+
+def run(config: Config, address: str | None = None) -> dict:
+    """Run every configured stage; returns {tokenizer name: manifest path}."""
+    check_inputs(config)
+    stages = check_chain(config)
+    tokenizers = load_tokenizers(config)
+    layout = RunLayout(config.run_dir)
+    prepare_run_dir(config, layout)
+    say(f"run_dir {config.run_dir}; stages: {', '.join(stages)}")
+
+    from pipeline.adapter import init_ray
+    init_ray(config.ray, address)
+
+    inputs = []
+    for s, src in enumerate(config.sources):
+        for f, path in enumerate(expand_source(src)):
+            inputs.append({"name": f"s{s:03d}-f{f:05d}", "source": s, "path": path})
+    read_results = _run_stage("read", inputs, read_item, config, layout)
+    parts = [p for r in read_results for p in r["parts"]]
+    _report_quarantine(read_results)
+
+    outputs = {}
+    for t, (tok_cfg, op) in enumerate(zip(config.tokenize.tokenizers if config.tokenize else [], tokenizers)):
+        stage = f"tokenize/{tok_cfg.name}"
+        storage.write_text_atomic(storage.join(layout.stage_dir(stage), "tokenizer.json"),
+                                  json.dumps({"name": tok_cfg.name, **op.describe()}, indent=2, sort_keys=True))
+        items = [{"name": p["name"], "tokenizer": t} for p in parts]
+        _run_stage(stage, items, tokenize_item, config, layout)
+        if config.pack:
+            pack_items = [{"name": p["name"], "shard": i, "tokenizer_name": tok_cfg.name, "pad_id": op.tok.pad_id,
+                           "input_stage": stage} for i, p in enumerate(parts)]
+            results = _run_stage(f"pack/{tok_cfg.name}", pack_items, pack_item, config, layout)
+            outputs[tok_cfg.name] = _write_manifest(config, layout, tok_cfg.name, op, results)
+    say("done")
+    return outputs
+
+
+def _report_quarantine(results: list[dict]) -> None:
+    reasons: dict[str, int] = {}
+    for r in results:
+        for k, v in r.get("quarantine_reasons", {}).items():
+            reasons[k] = reasons.get(k, 0) + v
+    if reasons:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        say(f"quarantined rows by reason ({sum(reasons.values())} in quarantine/): {detail}")
+
+
+def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, results: list[dict]) -> str:
+    counts = {k: 0 for k in ("rows", "docs", "tokens", "target_tokens", "loss_tokens", "pad_tokens")}
+    pieces = split_docs = 0
+    for r in results:
+        for k in counts:
+            counts[k] += r["stats"][k]
+        pieces += r["stats"]["pieces"]
+        split_docs += r["stats"]["split_docs"]
+    total = counts["tokens"] + counts["pad_tokens"]
+    manifest = {
+        "tokenizer": {"name": name, **op.describe()},
+        "seq_len": config.pack.seq_len,
+        "counts": counts,
+        "packing": {"method": config.pack.method, "pieces": pieces, "split_docs": split_docs,
+                    "padding_fraction": round(counts["pad_tokens"] / total, 6) if total else 0.0},
+        "selection": {"method": "none"},
+        "mixture": {},
+        "shards": [{"file": r["file"], "rows": r["stats"]["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
+                   for r in results],
+        "compression": config.output.compression,
+        "config_sha256": config.content_sha256(),
+    }
+    shard_dir = layout.shard_dir(name)
+    write_manifest(shard_dir, manifest)
+    say(f"shards/{name}: {counts['rows']} rows of {config.pack.seq_len}, {counts['docs']} docs, "
+        f"padding {manifest['packing']['padding_fraction']:.2%}, {split_docs} split docs")
+    return storage.join(shard_dir, "manifest.json")

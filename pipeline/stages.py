@@ -1,0 +1,150 @@
+"""The work of one item of each stage: what a Ray task or actor runs.
+
+Nothing here imports ray. Every item writes its outputs atomically, then a
+`done/<item>.json` marker holding its counts; the runner skips items whose
+marker exists, which is what makes a killed run resumable without redoing
+finished work. Counts balance per item: rows_in = rows_out + rows_filtered +
+rows_quarantined.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+
+from operators import schema as S
+from operators.pack import pack_table
+from operators.tokenize import Tokenize
+from pipeline import readers, sink, storage
+from pipeline.config import Config
+
+INTERMEDIATE_COMPRESSION = "lz4"  # parts between stages: fast, not the product
+
+
+class RunLayout:
+    """Where each stage keeps its files inside run_dir."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.run_dir, *parts)
+
+    def stage_dir(self, stage: str) -> str:
+        return self.path(*stage.split("/"))
+
+    def done_marker(self, stage: str, item: str) -> str:
+        return self.path(*stage.split("/"), "done", f"{item}.json")
+
+    def stage_marker(self, stage: str) -> str:
+        return self.path(*stage.split("/"), "_SUCCESS.json")
+
+    def part(self, stage: str, name: str) -> str:
+        return self.path(*stage.split("/"), "parts", f"{name}.arrow")
+
+    def shard_dir(self, tokenizer: str) -> str:
+        return self.path("shards", tokenizer)
+
+    def quarantine(self, name: str) -> str:
+        return self.path("quarantine", f"{name}.jsonl")
+
+
+def write_marker(path: str, result: dict) -> None:
+    storage.write_text_atomic(path, json.dumps(result, sort_keys=True) + "\n")
+
+
+def read_marker(path: str) -> dict:
+    return json.loads(storage.read_text(path))
+
+
+def _write_quarantine(layout: RunLayout, name: str, records: list[dict]) -> None:
+    if records:
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        storage.write_text_atomic(layout.quarantine(name), body)
+
+
+# --- read ---------------------------------------------------------------------------
+
+def read_item(config: Config, run_dir: str, item: dict) -> dict:
+    """Read one input file into parts `read/parts/<item>-<chunk>.arrow`."""
+    layout = RunLayout(run_dir)
+    source = config.sources[item["source"]]
+    parts, quarantine = [], []
+    rows_in = rows_out = 0
+    for k, chunk in enumerate(readers.read_file(source, item["path"], config.read)):
+        rows_in += chunk.rows_in
+        quarantine.extend(chunk.quarantine)
+        if chunk.docs.num_rows:
+            name = f"{item['name']}-{k:05d}"
+            sink.write_table(layout.part("read", name), chunk.docs, compression=INTERMEDIATE_COMPRESSION,
+                             rows_per_batch=1 << 16)
+            parts.append({"name": name, "rows": chunk.docs.num_rows})
+            rows_out += chunk.docs.num_rows
+    _write_quarantine(layout, f"read-{item['name']}", quarantine)
+    result = {"item": item["name"], "path": item["path"], "parts": parts, "rows_in": rows_in, "rows_out": rows_out,
+              "rows_filtered": 0, "rows_quarantined": len(quarantine),
+              "quarantine_reasons": dict(Counter(_reason_key(q["reason"]) for q in quarantine))}
+    write_marker(layout.done_marker("read", item["name"]), result)
+    return result
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons for counting: the text before the first detail."""
+    return reason.split(":")[0].split(" at ")[0]
+
+
+# --- tokenize -----------------------------------------------------------------------
+
+_TOKENIZERS: dict[tuple, Tokenize] = {}  # one load per worker process
+
+
+def get_tokenizer(config: Config, index: int) -> Tokenize:
+    t = config.tokenize.tokenizers[index]
+    key = (t.spec, t.add_bos, t.add_eos, t.chat_template)
+    if key not in _TOKENIZERS:
+        op = Tokenize(spec=t.spec, add_bos=t.add_bos, add_eos=t.add_eos, chat_template=t.chat_template,
+                      read_bytes=storage.read_bytes, exists=storage.exists)
+        op.setup()
+        _TOKENIZERS[key] = op
+    return _TOKENIZERS[key]
+
+
+def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
+    """Tokenize one read part for one tokenizer."""
+    layout = RunLayout(run_dir)
+    tok_cfg = config.tokenize.tokenizers[item["tokenizer"]]
+    stage = f"tokenize/{tok_cfg.name}"
+    op = get_tokenizer(config, item["tokenizer"])
+    docs = sink.read_table(layout.part("read", item["name"]))
+    n = config.tokenize.docs_per_batch
+    pieces, rejected = [], []
+    for start in range(0, docs.num_rows, n):
+        table, rej = op.tokenize(docs.slice(start, n))
+        pieces.append(table)
+        rejected.extend({"id": i, "reason": r} for i, r in zip(rej.ids, rej.reasons))
+    out = pa.concat_tables(pieces) if pieces else docs.slice(0, 0)
+    sink.write_table(layout.part(stage, item["name"]), out, compression=INTERMEDIATE_COMPRESSION, rows_per_batch=1 << 16)
+    _write_quarantine(layout, f"tokenize-{tok_cfg.name}-{item['name']}", rejected)
+    result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
+              "rows_quarantined": len(rejected), "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
+    write_marker(layout.done_marker(stage, item["name"]), result)
+    return result
+
+
+# --- pack ---------------------------------------------------------------------------
+
+def pack_item(config: Config, run_dir: str, item: dict) -> dict:
+    """Pack one tokenized part into `shards/<tokenizer>/shard-<index>.arrow`."""
+    layout = RunLayout(run_dir)
+    name = item["tokenizer_name"]
+    docs = sink.read_table(layout.part(item["input_stage"], item["name"]))
+    rows, stats = pack_table(docs, seq_len=config.pack.seq_len, pad_id=item["pad_id"], method=config.pack.method)
+    shard = f"shard-{item['shard']:05d}.arrow"
+    written = sink.write_table(storage.join(layout.shard_dir(name), shard), rows,
+                               compression=config.output.compression, rows_per_batch=config.output.rows_per_batch,
+                               level=config.output.compression_level)
+    result = {"item": item["name"], "file": shard, "rows_in": docs.num_rows, "rows_out": stats.docs,
+              "rows_filtered": 0, "rows_quarantined": 0, **written, "stats": stats.__dict__}
+    write_marker(layout.done_marker(f"pack/{name}", item["name"]), result)
+    return result
