@@ -40,6 +40,8 @@ def init_ray(ray_cfg: RayConfig, address: str | None = None) -> None:
             kwargs["num_gpus"] = ray_cfg.num_gpus
     ray.init(address=address, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None,
              logging_level=logging.WARNING, **kwargs)
+    # Ray Data logs every scheduling step at INFO; keep its progress bars and warnings only.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.execution_options.preserve_order = False  # results carry their own keys

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from operators import schema as S
 from pipeline import sink, storage
+from pipeline.stages import reason_key
 
 
 def _fixed(table: pa.Table, col: str) -> np.ndarray:
@@ -100,7 +101,7 @@ def inspect_run(run_dir: str, verify: bool = False) -> str:
     reasons = Counter()
     for name in storage.listdir(storage.join(run_dir, "quarantine")):
         for line in storage.read_text(storage.join(run_dir, "quarantine", name)).splitlines():
-            reasons[json.loads(line)["reason"].split(":")[0]] += 1
+            reasons[reason_key(json.loads(line)["reason"])] += 1
     if reasons:
         out.append(f"quarantine: {sum(reasons.values())} rows")
         out += [f"  {n:>8}  {r}" for r, n in reasons.most_common()]

@@ -12,8 +12,8 @@ and `load_dataset` specs written `hf:<name or builder>`).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
+import zlib
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -65,12 +65,24 @@ def _zstd_blocks(raw, block: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _gzip_blocks(raw, block: int = 1 << 20) -> Iterator[bytes]:
-    with gzip.GzipFile(fileobj=raw) as g:
-        try:
-            while data := g.read(block):
-                yield data
-        except (EOFError, gzip.BadGzipFile, OSError) as e:
-            raise TruncatedInput(f"gzip stream is truncated or corrupt: {e}") from None
+    """Decompress a (possibly multi-member) gzip stream; raise on truncation or corruption."""
+    dobj = zlib.decompressobj(wbits=31)
+    in_member = False
+    while data := raw.read(block):
+        while data:
+            try:
+                out = dobj.decompress(data)
+            except zlib.error as e:
+                raise TruncatedInput(f"gzip stream is corrupt: {e}") from None
+            in_member = not dobj.eof
+            if out:
+                yield out
+            data = dobj.unused_data if dobj.eof else b""
+            if dobj.eof:
+                dobj = zlib.decompressobj(wbits=31)
+                in_member = False
+    if in_member:
+        raise TruncatedInput("gzip stream ends inside a member (truncated or corrupt file)")
 
 
 def byte_blocks(path: str) -> Iterator[bytes]:
@@ -266,16 +278,17 @@ def read_jsonl(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterato
             pending = b""
             break
         pending += data
-        if len(pending) < read_cfg.chunk_bytes:
-            continue
-        cut = pending.rfind(b"\n")
-        if cut < 0:
-            continue
-        block, pending = pending[:cut], pending[cut + 1:]
-        if not _fast_jsonl(block, line_no, b):
-            _slow_jsonl(block, line_no, b)
-        line_no += block.count(b"\n") + 1
-        yield b.take()
+        while len(pending) >= read_cfg.chunk_bytes:
+            cut = pending.rfind(b"\n", 0, read_cfg.chunk_bytes)
+            if cut < 0:  # one line longer than a chunk: cut after it
+                cut = pending.find(b"\n", read_cfg.chunk_bytes)
+                if cut < 0:
+                    break
+            block, pending = pending[:cut], pending[cut + 1:]
+            if not _fast_jsonl(block, line_no, b):
+                _slow_jsonl(block, line_no, b)
+            line_no += block.count(b"\n") + 1
+            yield b.take()
     if pending.strip():
         block = pending[:-1] if pending.endswith(b"\n") else pending
         if not _fast_jsonl(block, line_no, b):

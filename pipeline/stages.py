@@ -84,12 +84,12 @@ def read_item(config: Config, run_dir: str, item: dict) -> dict:
     _write_quarantine(layout, f"read-{item['name']}", quarantine)
     result = {"item": item["name"], "path": item["path"], "parts": parts, "rows_in": rows_in, "rows_out": rows_out,
               "rows_filtered": 0, "rows_quarantined": len(quarantine),
-              "quarantine_reasons": dict(Counter(_reason_key(q["reason"]) for q in quarantine))}
+              "quarantine_reasons": dict(Counter(reason_key(q["reason"]) for q in quarantine))}
     write_marker(layout.done_marker("read", item["name"]), result)
     return result
 
 
-def _reason_key(reason: str) -> str:
+def reason_key(reason: str) -> str:
     """Group reasons for counting: the text before the first detail."""
     return reason.split(":")[0].split(" at ")[0]
 
@@ -145,6 +145,7 @@ def pack_item(config: Config, run_dir: str, item: dict) -> dict:
                                compression=config.output.compression, rows_per_batch=config.output.rows_per_batch,
                                level=config.output.compression_level)
     result = {"item": item["name"], "file": shard, "rows_in": docs.num_rows, "rows_out": stats.docs,
-              "rows_filtered": 0, "rows_quarantined": 0, **written, "stats": stats.__dict__}
+              "rows_filtered": docs.num_rows - stats.docs,  # documents with no token at all
+              "rows_quarantined": 0, **written, "stats": stats.__dict__}
     write_marker(layout.done_marker(f"pack/{name}", item["name"]), result)
     return result
