@@ -67,7 +67,7 @@ class SourceConfig(_Strict):
 
 
 class ReadConfig(_Strict):
-    chunk_bytes: int = Field(64 << 20, ge=1 << 10, description="text bytes per read part")
+    chunk_bytes: int = Field(8 << 20, ge=1 << 10, description="text bytes per read part (and per shard)")
     max_doc_chars: int = Field(50_000_000, ge=1, description="longer documents are quarantined")
 
 

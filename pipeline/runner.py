@@ -28,7 +28,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError, check_inputs
 from pipeline.readers import expand_source
 from pipeline.sink import write_manifest
-from pipeline.stages import RunLayout, pack_item, read_item, read_marker, tokenize_item, write_marker
+from pipeline.stages import RunLayout, read_item, read_marker, tokenize_item, write_marker
 
 log = logging.getLogger("tokenmill")
 
@@ -65,6 +65,17 @@ def _pending(layout: RunLayout, stage: str, items: list[dict]) -> tuple[list[dic
     return [it for it in items if it["name"] not in finished], finished
 
 
+def _commit_stage(layout: RunLayout, stage: str, items: list[dict], seconds: float) -> list[dict]:
+    """Check that every item of a stage is done and balances, then write the stage marker."""
+    results = [read_marker(layout.done_marker(stage, it["name"])) for it in items]
+    totals = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rows_filtered", "rows_quarantined")}
+    assert totals["rows_in"] == totals["rows_out"] + totals["rows_filtered"] + totals["rows_quarantined"], totals
+    summary = {"stage": stage, **totals, "items": results, "seconds": round(seconds, 3)}
+    write_marker(layout.stage_marker(stage), summary)
+    say(f"{stage}: {_counts_line(summary)} in {seconds:.1f}s")
+    return results
+
+
 def _run_stage(stage: str, items: list[dict], work, config: Config, layout: RunLayout, **ray_kwargs) -> list[dict]:
     """Run the pending items of a stage, then commit the stage marker with totals."""
     from pipeline.adapter import run_items
@@ -76,14 +87,32 @@ def _run_stage(stage: str, items: list[dict], work, config: Config, layout: RunL
     if finished:
         say(f"{stage}: resuming, {len(finished)} of {len(items)} items already done")
     t0 = time.time()
-    new = {r["item"]: r for r in run_items(stage, pending, work, config=config, run_dir=layout.run_dir, **ray_kwargs)}
-    results = [finished.get(it["name"]) or new[it["name"]] for it in items]
-    totals = {k: sum(r[k] for r in results) for k in ("rows_in", "rows_out", "rows_filtered", "rows_quarantined")}
-    assert totals["rows_in"] == totals["rows_out"] + totals["rows_filtered"] + totals["rows_quarantined"], totals
-    summary = {"stage": stage, **totals, "items": results, "seconds": round(time.time() - t0, 3)}
-    write_marker(layout.stage_marker(stage), summary)
-    say(f"{stage}: {_counts_line(summary)} in {summary['seconds']:.1f}s")
-    return results
+    run_items(stage, pending, work, config=config, run_dir=layout.run_dir, **ray_kwargs)
+    return _commit_stage(layout, stage, items, time.time() - t0)
+
+
+def _run_tokenize_pack(config: Config, layout: RunLayout, parts: list[dict]) -> None:
+    """Tokenize (and pack, when configured) every part for every tokenizer, in one pass over the parts."""
+    from pipeline.adapter import run_items
+    names = [t.name for t in config.tokenize.tokenizers]
+    stages = [f"tokenize/{n}" for n in names] + ([f"pack/{n}" for n in names] if config.pack else [])
+    if all(_stage_done(layout, s) for s in stages):
+        say(f"tokenize{'+pack' if config.pack else ''}: complete, skipped")
+        return
+    done = {s: {n[:-5] for n in storage.listdir(storage.join(layout.stage_dir(s), "done"))} for s in stages}
+    items = []
+    for i, p in enumerate(parts):
+        todo = [t for t, n in enumerate(names)
+                if p["name"] not in done[f"tokenize/{n}"] or (config.pack and p["name"] not in done[f"pack/{n}"])]
+        if todo:
+            items.append({"name": p["name"], "tokenizers": todo, "pack": config.pack is not None, "shard": i})
+    if len(items) < len(parts):
+        say(f"tokenize: resuming, {len(parts) - len(items)} of {len(parts)} parts already done")
+    t0 = time.time()
+    run_items("tokenize", items, tokenize_item, config=config, run_dir=layout.run_dir)
+    for s in stages:
+        if not _stage_done(layout, s):
+            _commit_stage(layout, s, parts, time.time() - t0)
 
 
 def _counts_line(summary: dict) -> str:
@@ -146,16 +175,14 @@ def run(config: Config, address: str | None = None) -> dict:
     _report_quarantine(read_results)
 
     outputs = {}
-    for t, (tok_cfg, op) in enumerate(zip(config.tokenize.tokenizers if config.tokenize else [], tokenizers)):
-        stage = f"tokenize/{tok_cfg.name}"
-        storage.write_text_atomic(storage.join(layout.stage_dir(stage), "tokenizer.json"),
-                                  json.dumps({"name": tok_cfg.name, **op.describe()}, indent=2, sort_keys=True))
-        items = [{"name": p["name"], "tokenizer": t} for p in parts]
-        _run_stage(stage, items, tokenize_item, config, layout)
-        if config.pack:
-            pack_items = [{"name": p["name"], "shard": i, "tokenizer_name": tok_cfg.name, "pad_id": op.tok.pad_id,
-                           "input_stage": stage} for i, p in enumerate(parts)]
-            results = _run_stage(f"pack/{tok_cfg.name}", pack_items, pack_item, config, layout)
+    if config.tokenize:
+        for tok_cfg, op in zip(config.tokenize.tokenizers, tokenizers):
+            storage.write_text_atomic(storage.join(layout.stage_dir(f"tokenize/{tok_cfg.name}"), "tokenizer.json"),
+                                      json.dumps({"name": tok_cfg.name, **op.describe()}, indent=2, sort_keys=True))
+        _run_tokenize_pack(config, layout, parts)
+    if config.pack:
+        for tok_cfg, op in zip(config.tokenize.tokenizers, tokenizers):
+            results = read_marker(layout.stage_marker(f"pack/{tok_cfg.name}"))["items"]
             outputs[tok_cfg.name] = _write_manifest(config, layout, tok_cfg.name, op, results)
     say("done")
     return outputs

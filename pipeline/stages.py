@@ -111,41 +111,63 @@ def get_tokenizer(config: Config, index: int) -> Tokenize:
 
 
 def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
-    """Tokenize one read part for one tokenizer."""
+    """Tokenize one read part for each tokenizer still to do; pack it too when `item["pack"]`.
+
+    Reading the part once for every tokenizer, and packing straight from memory
+    when no model stage sits between tokenize and pack, keeps the pipeline close
+    to the raw tokenizer's speed (benchmarks/bench_tokenize_pack.py).
+    """
     layout = RunLayout(run_dir)
-    tok_cfg = config.tokenize.tokenizers[item["tokenizer"]]
-    stage = f"tokenize/{tok_cfg.name}"
-    op = get_tokenizer(config, item["tokenizer"])
-    docs = sink.read_table(layout.part("read", item["name"]))
-    n = config.tokenize.docs_per_batch
-    pieces, rejected = [], []
-    for start in range(0, docs.num_rows, n):
-        table, rej = op.tokenize(docs.slice(start, n))
-        pieces.append(table)
-        rejected.extend({"id": i, "reason": r} for i, r in zip(rej.ids, rej.reasons))
-    out = pa.concat_tables(pieces) if pieces else docs.slice(0, 0)
-    sink.write_table(layout.part(stage, item["name"]), out, compression=INTERMEDIATE_COMPRESSION, rows_per_batch=1 << 16)
-    _write_quarantine(layout, f"tokenize-{tok_cfg.name}-{item['name']}", rejected)
-    result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
-              "rows_quarantined": len(rejected), "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
-    write_marker(layout.done_marker(stage, item["name"]), result)
-    return result
+    docs = None
+    results = {}
+    for t in item["tokenizers"]:
+        name = config.tokenize.tokenizers[t].name
+        tok_marker = layout.done_marker(f"tokenize/{name}", item["name"])
+        pack_marker = layout.done_marker(f"pack/{name}", item["name"])
+        if storage.exists(tok_marker) and (not item["pack"] or storage.exists(pack_marker)):
+            continue
+        docs = sink.read_table(layout.part("read", item["name"])) if docs is None else docs
+        op = get_tokenizer(config, t)
+        n = config.tokenize.docs_per_batch
+        pieces, rejected = [], []
+        for start in range(0, docs.num_rows, n):
+            table, rej = op.tokenize(docs.slice(start, n))
+            pieces.append(table)
+            rejected.extend({"id": i, "reason": r} for i, r in zip(rej.ids, rej.reasons))
+        out = pa.concat_tables(pieces) if pieces else docs.slice(0, 0)
+        _write_quarantine(layout, f"tokenize-{name}-{item['name']}", rejected)
+        if item["pack"]:
+            pack_result = pack_docs(config, layout, name, op.tok.pad_id, item, out)
+        else:
+            sink.write_table(layout.part(f"tokenize/{name}", item["name"]), out,
+                             compression=INTERMEDIATE_COMPRESSION, rows_per_batch=1 << 16)
+        result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
+                  "rows_quarantined": len(rejected), "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
+        write_marker(tok_marker, result)
+        if item["pack"]:
+            write_marker(pack_marker, pack_result)
+        results[name] = result
+    return {"item": item["name"], "tokenizers": results}
 
 
 # --- pack ---------------------------------------------------------------------------
 
-def pack_item(config: Config, run_dir: str, item: dict) -> dict:
-    """Pack one tokenized part into `shards/<tokenizer>/shard-<index>.arrow`."""
-    layout = RunLayout(run_dir)
-    name = item["tokenizer_name"]
-    docs = sink.read_table(layout.part(item["input_stage"], item["name"]))
-    rows, stats = pack_table(docs, seq_len=config.pack.seq_len, pad_id=item["pad_id"], method=config.pack.method)
+def pack_docs(config: Config, layout: RunLayout, name: str, pad_id: int, item: dict, docs: pa.Table) -> dict:
+    """Pack tokenized documents into `shards/<name>/shard-<index>.arrow`; returns the pack counts."""
+    rows, stats = pack_table(docs, seq_len=config.pack.seq_len, pad_id=pad_id, method=config.pack.method)
     shard = f"shard-{item['shard']:05d}.arrow"
     written = sink.write_table(storage.join(layout.shard_dir(name), shard), rows,
                                compression=config.output.compression, rows_per_batch=config.output.rows_per_batch,
                                level=config.output.compression_level)
-    result = {"item": item["name"], "file": shard, "rows_in": docs.num_rows, "rows_out": stats.docs,
-              "rows_filtered": docs.num_rows - stats.docs,  # documents with no token at all
-              "rows_quarantined": 0, **written, "stats": stats.__dict__}
-    write_marker(layout.done_marker(f"pack/{name}", item["name"]), result)
+    return {"item": item["name"], "file": shard, "rows_in": docs.num_rows, "rows_out": stats.docs,
+            "rows_filtered": docs.num_rows - stats.docs,  # documents with no token at all
+            "rows_quarantined": 0, **written, "stats": stats.__dict__}
+
+
+def pack_item(config: Config, run_dir: str, item: dict) -> dict:
+    """Pack one part of an earlier stage's output (used when a model stage sits before pack)."""
+    layout = RunLayout(run_dir)
+    docs = sink.read_table(layout.part(item["input_stage"], item["name"]))
+    result = pack_docs(config, layout, item["tokenizer_name"], item["pad_id"], item, docs)
+    write_marker(layout.done_marker(f"pack/{item['tokenizer_name']}", item["name"]), result)
     return result

@@ -10,11 +10,13 @@ a config that lives outside the project travels too (copied to `_submitted/`) wi
 copying or touching the project tree; Ray's packager follows the links. A config inside
 the project keeps its relative path, so paths relative to it still resolve.
 
-Token authentication: a cluster started with RAY_AUTH_MODE=token answers 401 without
-a token. Ray's client only sends its token when RAY_AUTH_MODE=token is set on the client
-too (RAY_AUTH_TOKEN alone is ignored, measured with ray 2.60.0), so this module sends
-`Authorization: Bearer <token>` itself whenever RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH
-is set.
+Token authentication: a cluster with token auth answers 401 without a token. Ray 2.60's
+client sends its token only when RAY_AUTH_MODE=token is set on the client too
+(RAY_AUTH_TOKEN alone is ignored, measured), so this module sends
+`Authorization: Bearer <token>` itself whenever it finds one, where Ray looks:
+RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token. The last matters locally: in
+Ray 2.60 `ray.init()` turns token auth on by default and writes ~/.ray/auth_token, and
+`ray start` without RAY_AUTH_MODE then enables token auth whenever that file exists.
 
 The CLI wires it in one line: `add_submit_arguments(subparsers.add_parser("submit"))`
 registers the arguments and sets `func=main`.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -74,6 +77,8 @@ def submit_job(*, address: str, config_path: str, overrides: list[str], wait: bo
     if "working_dir" in extra:
         raise SubmitError("runtime_env_extra may not set working_dir; pass project_root instead")
 
+    # Ray logs each ignored .gitignore at INFO while packaging; the upload itself is logged.
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     client = _connect(address)
     with _upload_dir(root, config) as (upload_dir, config_arg):
         entrypoint = shlex.join(["python", "-m", "jobs.run", config_arg]
@@ -95,13 +100,14 @@ def submit_job(*, address: str, config_path: str, overrides: list[str], wait: bo
               f"(ray job stop --address {address} {submission_id})", file=sys.stderr)
         return 130
     info = _wait_until_done(client, submission_id)
-    # The message of a failed job repeats its last logs, already streamed above.
-    message = (info.message or "").splitlines()[0] if info.message else ""
+    # The message of a failed job goes on with its last logs, already streamed above.
+    message = (info.message or "").split(", last available logs")[0].split("\n")[0]
     print(f"job {submission_id} {info.status}: {message}", flush=True)
     return 0 if info.status == JobStatus.SUCCEEDED else 1
 
 
 def _auth_headers() -> dict[str, str] | None:
+    """Bearer header from RAY_AUTH_TOKEN, else RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (Ray's order)."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     if not token and token_path:
@@ -109,6 +115,9 @@ def _auth_headers() -> dict[str, str] | None:
             token = Path(token_path).read_text().strip()
         except OSError as e:
             raise SubmitError(f"RAY_AUTH_TOKEN_PATH={token_path}: cannot read the token ({e})") from e
+    default_path = Path.home() / ".ray" / "auth_token"
+    if not token and default_path.is_file():
+        token = default_path.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else None
 
 
@@ -138,8 +147,8 @@ def _call(address: str, fn, *args, **kwargs):
                 f"the Ray cluster at {address} requires a token (HTTP 401): set RAY_AUTH_TOKEN "
                 "to the cluster's token, or RAY_AUTH_TOKEN_PATH to a file holding it") from e
         raise SubmitError(
-            f"the Ray cluster at {address} rejected the token (HTTP 403): check that "
-            "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH hold the token the cluster was started with") from e
+            f"the Ray cluster at {address} rejected the token (HTTP 403): check that RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (the first set) holds the cluster's token") from e
     except ConnectionError as e:
         raise SubmitError(
             f"cannot reach the Ray Jobs API at {address}: is the head running and its "
