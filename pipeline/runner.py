@@ -49,6 +49,9 @@ def prepare_run_dir(config: Config, layout: RunLayout) -> None:
             raise ConfigError(f"run_dir {layout.run_dir} holds a run of a different config (sha256 {previous[:12]}…, "
                               f"this one {digest[:12]}…): use a new run_dir, or delete the old one to start over")
     storage.makedirs(layout.run_dir)
+    stale = storage.remove_stale_temporaries(layout.run_dir)  # only one run owns a run_dir at a time
+    if stale:
+        say(f"removed {stale} partial files left by an interrupted run")
     storage.write_text_atomic(layout.path("config.yaml"),
                               yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     storage.write_text_atomic(hash_path, digest + "\n")

@@ -152,6 +152,18 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(root: str) -> int:
+    """Delete `.tmp-*` files left under root by a killed writer; returns how many."""
+    fs, p = resolve(root)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return 0
+    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+             if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(".tmp-")]
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
 def remove_tree(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.Directory:

@@ -113,6 +113,7 @@ def test_run_exact_ids_masks_quarantine_and_rerun(local_ray, corpus, tmp_path, h
         if i % 2:
             done.unlink()
     (run_b / "shards" / "cl100k" / "manifest.json").unlink()
+    (run_b / "shards" / "cl100k" / ".tmp-0123-shard-00001.arrow").write_bytes(b"half a shard")
     run(make_config(d, run_b, hf_bpe_dir, sp_model))
     assert shard_bytes(run_a) == shard_bytes(run_b)
 
