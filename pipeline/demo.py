@@ -84,7 +84,7 @@ def _train_sentencepiece(docs: list[dict], prefix: str) -> str:
 
     import sentencepiece as spm
     model = prefix + ".model"
-    if os.path.exists(model):
+    if storage.exists(model):
         return model
     sentences = [line for d in docs for line in d["text"].splitlines() if line.strip()][:200_000]
     buf = io.BytesIO()
