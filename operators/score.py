@@ -88,7 +88,7 @@ def prompt_attention_from_qk(query_BHTD: torch.Tensor, key_BKTD: torch.Tensor, *
     for q0 in range(0, T, step):
         q1 = min(q0 + step, T)
         scores = torch.matmul(query_BHTD[:, :, q0:q1].float(), key.transpose(-1, -2)) * scaling
-        allowed = key_ok_BK[:, None, None, :].expand(B, H, q1 - q0, T)
+        allowed = (pos[q0:q1, None] >= pos[None, :])[None, None] & key_ok_BK[:, None, None, :]
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         out[:, q0:q1] = prompt_attention_from_probs(probs, prompt_BK)
     return out
@@ -192,6 +192,7 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[np.ndarray], *,
 def load_causal_lm(path: str, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
                    capture_attention: bool = False) -> torch.nn.Module:
     """Load a causal LM from a local directory (never the hub) in eval mode, no grad."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path!r} does not exist (models load from local "
                                 "directories only)")
@@ -203,7 +204,7 @@ def load_causal_lm(path: str, *, device: str, dtype: torch.dtype, trust_remote_c
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
             use_safetensors=True if has_st else None,
-            attn_implementation=CAPTURE_ATTN if capture_attention else "sdpa")
+            attn_implementation=CAPTURE_ATTN if capture_attention else None)  # None: HF default (SDPA)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError... name the path
         raise ValueError(f"cannot load a causal LM from {path!r}: {type(e).__name__}: {e}") from e
     model.to(device).eval().requires_grad_(False)
@@ -261,6 +262,8 @@ class TokenScorer(Operator):
                                   warmup=warmup)
         self._current: torch.nn.Module | None = None  # loaded by setup(), so __init__ stays picklable
         self._other: torch.nn.Module | None = None
+        self.vocab_size: int | None = None  # both set by setup() from the models' configs
+        self.max_len: int | None = None
 
     def setup(self) -> None:
         c = self.config

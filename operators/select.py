@@ -41,13 +41,13 @@ class Selection(NamedTuple):
 
 
 def check_ratio(ratio: float) -> float:
-    if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
         raise ValueError(f"ratio must be in (0, 1] (fraction of target tokens kept), got {ratio!r}")
     return float(ratio)
 
 
 def check_gamma(gamma: float) -> float:
-    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
+    if isinstance(gamma, bool) or not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma must be in [0, 1] (weight of the loss term), got {gamma!r}")
     return float(gamma)
 

@@ -105,6 +105,37 @@ class PackConfig(_Strict):
     method: Literal["best_fit", "greedy"] = "best_fit"
 
 
+class SelectConfig(_Strict):
+    """Token selection (algorithms.md): ssToken for SFT data, Rho-1 for pre-training data."""
+    method: Literal["sstoken", "rho1", "none"]
+    current_model: str | None = None
+    history_model: str | None = None     # sstoken: the model before fine-tuning
+    reference_model: str | None = None   # rho1: the reference model trained on curated data
+    gamma: float = Field(0.5, ge=0, le=1)
+    ratio: float = Field(0.6, gt=0, le=1)
+    warmup_docs: int = Field(0, ge=0, description="the first N documents use gamma=0 (attention only)")
+    tokenizer: str | None = None         # whose shards get selected; default: the first tokenizer
+    docs_per_batch: int = Field(64, ge=1, description="documents per scoring call (Rho-1 ranks within it)")
+    batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
+    actors: int = Field(1, ge=1)
+    num_gpus: float | None = Field(None, ge=0, description="per actor; default 1 when the cluster has GPUs")
+    num_cpus: float = Field(0.25, gt=0, description="per actor; fractional so actors never starve other tasks")
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _models(self):
+        other = {"sstoken": "history_model", "rho1": "reference_model"}.get(self.method)
+        if other and (self.current_model is None or getattr(self, other) is None):
+            raise ValueError(f"method {self.method} needs current_model and {other}")
+        return self
+
+    @property
+    def other_model(self) -> str | None:
+        return self.history_model if self.method == "sstoken" else self.reference_model
+
+
 class OutputConfig(_Strict):
     compression: Literal["zstd", "none"] = "zstd"
     compression_level: int | None = None
@@ -122,6 +153,7 @@ class Config(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
     tokenize: TokenizeConfig | None = None
+    select: SelectConfig | None = None
     pack: PackConfig | None = None
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
@@ -130,7 +162,20 @@ class Config(_Strict):
     def _chain(self):
         if self.pack is not None and self.tokenize is None:
             raise ValueError("pack needs a tokenize section")
+        if self.select is not None:
+            if self.tokenize is None:
+                raise ValueError("select needs a tokenize section")
+            names = [t.name for t in self.tokenize.tokenizers]
+            if self.select.tokenizer is not None and self.select.tokenizer not in names:
+                raise ValueError(f"select.tokenizer {self.select.tokenizer!r} is not one of the tokenizers {names}")
         return self
+
+    @property
+    def selected_tokenizer(self) -> str | None:
+        """The tokenizer whose shards carry the selection (None when nothing is selected)."""
+        if self.select is None or self.select.method == "none":
+            return None
+        return self.select.tokenizer or self.tokenize.tokenizers[0].name
 
     def content_sha256(self) -> str:
         """Hash of everything that decides the output (not where it goes or how it runs)."""
@@ -215,5 +260,10 @@ def check_inputs(config: Config) -> None:
             kind, _, where = tok.spec.partition(":")
             if kind in ("hf", "sentencepiece") and not storage.exists(where):
                 problems.append(f"  tokenize.tokenizers.{i}.spec: file not found: {where}")
+    if config.select is not None:
+        for key in ("current_model", "history_model", "reference_model"):
+            where = getattr(config.select, key)
+            if where is not None and not storage.exists(where):
+                problems.append(f"  select.{key}: model directory not found: {where}")
     if problems:
         raise ConfigError("missing inputs:\n" + "\n".join(problems))

@@ -95,10 +95,12 @@ def _run_stage(stage: str, items: list[dict], work, config: Config, layout: RunL
 
 
 def _run_tokenize_pack(config: Config, layout: RunLayout, parts: list[dict]) -> None:
-    """Tokenize (and pack, when configured) every part for every tokenizer, in one pass over the parts."""
+    """Tokenize every part for every tokenizer in one pass over the parts; pack in the same
+    pass each tokenizer whose shards need no model stage in between."""
     from pipeline.adapter import run_items
     names = [t.name for t in config.tokenize.tokenizers]
-    stages = [f"tokenize/{n}" for n in names] + ([f"pack/{n}" for n in names] if config.pack else [])
+    inline = [t for t, n in enumerate(names) if config.pack and n != config.selected_tokenizer]
+    stages = [f"tokenize/{n}" for n in names] + [f"pack/{names[t]}" for t in inline]
     if all(_stage_done(layout, s) for s in stages):
         say(f"tokenize{'+pack' if config.pack else ''}: complete, skipped")
         return
@@ -106,9 +108,9 @@ def _run_tokenize_pack(config: Config, layout: RunLayout, parts: list[dict]) -> 
     items = []
     for i, p in enumerate(parts):
         todo = [t for t, n in enumerate(names)
-                if p["name"] not in done[f"tokenize/{n}"] or (config.pack and p["name"] not in done[f"pack/{n}"])]
+                if p["name"] not in done[f"tokenize/{n}"] or (t in inline and p["name"] not in done[f"pack/{n}"])]
         if todo:
-            items.append({"name": p["name"], "tokenizers": todo, "pack": config.pack is not None, "shard": i})
+            items.append({"name": p["name"], "tokenizers": todo, "pack": inline, "shard": i})
     if len(items) < len(parts):
         say(f"tokenize: resuming, {len(parts) - len(items)} of {len(parts)} parts already done")
     t0 = time.time()
@@ -131,6 +133,9 @@ def check_chain(config: Config) -> list[str]:
     chain = [("read", (), tuple(S.DOC_SCHEMA.names))]
     if config.tokenize:
         chain.append(("tokenize", Tokenize.reads, Tokenize.adds))
+    if config.selected_tokenizer:
+        from operators.score import TokenScorer
+        chain.append(("select", TokenScorer.reads, TokenScorer.adds))
     if config.pack:
         chain.append(("pack", (S.ID, S.INPUT_IDS, S.TARGET_MASK), ()))
     for name, reads, adds in chain:
@@ -183,12 +188,33 @@ def run(config: Config, address: str | None = None) -> dict:
             storage.write_text_atomic(storage.join(layout.stage_dir(f"tokenize/{tok_cfg.name}"), "tokenizer.json"),
                                       json.dumps({"name": tok_cfg.name, **op.describe()}, indent=2, sort_keys=True))
         _run_tokenize_pack(config, layout, parts)
+    selected = config.selected_tokenizer
+    if selected:
+        _run_select(config, layout, parts, selected, tokenizers[[t.name for t in config.tokenize.tokenizers].index(selected)])
     if config.pack:
         for tok_cfg, op in zip(config.tokenize.tokenizers, tokenizers):
             results = read_marker(layout.stage_marker(f"pack/{tok_cfg.name}"))["items"]
             outputs[tok_cfg.name] = _write_manifest(config, layout, tok_cfg.name, op, results)
     say("done")
     return outputs
+
+
+def _run_select(config: Config, layout: RunLayout, parts: list[dict], name: str, op: Tokenize) -> None:
+    """Score and select tokens for one tokenizer on an actor pool, then pack its shards."""
+    import ray
+    from pipeline.stages import SelectWorker, pack_item
+    c = config.select
+    num_gpus = c.num_gpus if c.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
+    first_doc, items = 0, []
+    for p in parts:
+        items.append({"name": p["name"], "tokenizer_name": name, "first_doc": first_doc})
+        first_doc += p["rows"]
+    _run_stage(f"select/{name}", items, SelectWorker, config, layout, num_cpus=c.num_cpus, num_gpus=num_gpus,
+               actors=min(c.actors, max(1, len(items))))
+    if config.pack:
+        pack_items = [{"name": p["name"], "shard": i, "tokenizer_name": name, "pad_id": op.tok.pad_id,
+                       "input_stage": f"select/{name}"} for i, p in enumerate(parts)]
+        _run_stage(f"pack/{name}", pack_items, pack_item, config, layout)
 
 
 def _report_quarantine(results: list[dict]) -> None:
@@ -199,6 +225,20 @@ def _report_quarantine(results: list[dict]) -> None:
     if reasons:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
         say(f"quarantined rows by reason ({sum(reasons.values())} in quarantine/): {detail}")
+
+
+def _selection_block(config: Config, layout: RunLayout, name: str, counts: dict) -> dict:
+    if name != config.selected_tokenizer:
+        return {"method": "none"}
+    c = config.select
+    block = {"method": c.method, "current_model": c.current_model, "ratio": c.ratio,
+             "target_tokens": counts["target_tokens"], "loss_tokens": counts["loss_tokens"],
+             "kept_fraction": round(counts["loss_tokens"] / counts["target_tokens"], 6) if counts["target_tokens"] else 0.0}
+    if c.method == "sstoken":
+        block.update(history_model=c.history_model, gamma=c.gamma, warmup_docs=c.warmup_docs)
+    else:
+        block.update(reference_model=c.reference_model, batch_docs=c.docs_per_batch)
+    return block
 
 
 def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, results: list[dict]) -> str:
@@ -216,7 +256,7 @@ def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, 
         "counts": counts,
         "packing": {"method": config.pack.method, "pieces": pieces, "split_docs": split_docs,
                     "padding_fraction": round(counts["pad_tokens"] / total, 6) if total else 0.0},
-        "selection": {"method": "none"},
+        "selection": _selection_block(config, layout, name, counts),
         "mixture": {},
         "shards": [{"file": r["file"], "rows": r["stats"]["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
                    for r in results],

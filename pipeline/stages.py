@@ -124,7 +124,8 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
         name = config.tokenize.tokenizers[t].name
         tok_marker = layout.done_marker(f"tokenize/{name}", item["name"])
         pack_marker = layout.done_marker(f"pack/{name}", item["name"])
-        if storage.exists(tok_marker) and (not item["pack"] or storage.exists(pack_marker)):
+        pack_inline = t in item["pack"]
+        if storage.exists(tok_marker) and (not pack_inline or storage.exists(pack_marker)):
             continue
         docs = sink.read_table(layout.part("read", item["name"])) if docs is None else docs
         op = get_tokenizer(config, t)
@@ -136,7 +137,7 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
             rejected.extend({"id": i, "reason": r} for i, r in zip(rej.ids, rej.reasons))
         out = pa.concat_tables(pieces) if pieces else docs.slice(0, 0)
         _write_quarantine(layout, f"tokenize-{name}-{item['name']}", rejected)
-        if item["pack"]:
+        if pack_inline:
             pack_result = pack_docs(config, layout, name, op.tok.pad_id, item, out)
         else:
             sink.write_table(layout.part(f"tokenize/{name}", item["name"]), out,
@@ -144,10 +145,54 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
         result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
                   "rows_quarantined": len(rejected), "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
         write_marker(tok_marker, result)
-        if item["pack"]:
+        if pack_inline:
             write_marker(pack_marker, pack_result)
         results[name] = result
     return {"item": item["name"], "tokenizers": results}
+
+
+# --- select -------------------------------------------------------------------------
+
+class SelectWorker:
+    """One actor of the select stage: loads the two models once, then scores parts.
+
+    Documents are scored `select.docs_per_batch` at a time, so Rho-1's top-ratio
+    is taken over a fixed, deterministic batch of target tokens. Documents
+    within the first `select.warmup_docs` (in corpus order) use gamma = 0.
+    """
+
+    def __init__(self, *, config: Config, run_dir: str):
+        from operators.score import TokenScorer
+        c = config.select
+        self.config, self.layout = config, RunLayout(run_dir)
+        self.scorer = TokenScorer(current_model=c.current_model, other_model=c.other_model, method=c.method,
+                                  device=c.device, dtype=c.dtype, batch_tokens=c.batch_tokens,
+                                  trust_remote_code=c.trust_remote_code, gamma=c.gamma, ratio=c.ratio)
+        self.scorer.setup()
+
+    def __call__(self, item: dict) -> dict:
+        import dataclasses
+        name, layout, c = item["tokenizer_name"], self.layout, self.config.select
+        docs = sink.read_table(layout.part(f"tokenize/{name}", item["name"]))
+        base, warm = self.scorer.config, dataclasses.replace(self.scorer.config, warmup=True)
+        pieces = []
+        for start in range(0, docs.num_rows, c.docs_per_batch):
+            batch = docs.slice(start, c.docs_per_batch)
+            n_warm = min(batch.num_rows, max(0, c.warmup_docs - item["first_doc"] - start))
+            for sub, cfg in ((batch.slice(0, n_warm), warm), (batch.slice(n_warm), base)):
+                if sub.num_rows:
+                    self.scorer.config = cfg
+                    pieces.append(self.scorer(sub))
+        self.scorer.config = base
+        out = pa.concat_tables(pieces) if pieces else docs
+        sink.write_table(layout.part(f"select/{name}", item["name"]), out, compression=INTERMEDIATE_COMPRESSION,
+                         rows_per_batch=1 << 16)
+        target = int(pa.compute.sum(pa.compute.list_flatten(out.column(S.TARGET_MASK))).as_py() or 0)
+        kept = int(pa.compute.sum(pa.compute.list_flatten(out.column(S.LOSS_MASK))).as_py() or 0)
+        result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
+                  "rows_quarantined": 0, "target_tokens": target, "loss_tokens": kept}
+        write_marker(layout.done_marker(f"select/{name}", item["name"]), result)
+        return result
 
 
 # --- pack ---------------------------------------------------------------------------
