@@ -16,6 +16,7 @@ import pyarrow as pa
 from operators import schema as S
 from operators.pack import pack_table
 from operators.tokenize import Tokenize
+from operators.windows import join_windows, split_long_documents
 from pipeline import readers, sink, storage
 from pipeline.config import Config
 
@@ -159,10 +160,12 @@ class SelectWorker:
     Documents are scored `select.docs_per_batch` at a time, so Rho-1's top-ratio
     is taken over a fixed, deterministic batch of target tokens. Documents
     within the first `select.warmup_docs` (in corpus order) use gamma = 0.
+    Documents longer than the models' context are scored in independent windows
+    (operators/windows.py) instead of failing the stage.
     """
 
     def __init__(self, *, config: Config, run_dir: str):
-        from operators.score import TokenScorer
+        from operators.score import TokenScorer  # torch is imported only where models run
         c = config.select
         self.config, self.layout = config, RunLayout(run_dir)
         self.scorer = TokenScorer(current_model=c.current_model, other_model=c.other_model, method=c.method,
@@ -182,7 +185,8 @@ class SelectWorker:
             for sub, cfg in ((batch.slice(0, n_warm), warm), (batch.slice(n_warm), base)):
                 if sub.num_rows:
                     self.scorer.config = cfg
-                    pieces.append(self.scorer(sub))
+                    windows, n_win = split_long_documents(sub, self.scorer.max_len or (1 << 31))
+                    pieces.append(join_windows(sub, self.scorer(windows), n_win))
         self.scorer.config = base
         out = pa.concat_tables(pieces) if pieces else docs
         sink.write_table(layout.part(f"select/{name}", item["name"]), out, compression=INTERMEDIATE_COMPRESSION,

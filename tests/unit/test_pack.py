@@ -87,3 +87,20 @@ def test_split_document_counts():
     assert stats.split_docs == 1 and stats.pieces == 4 and stats.docs == 2 and stats.rows == 3
     # targets: long doc 24 minus the first token of its 2 continuation pieces, short doc 2
     assert stats.target_tokens == 22 + 2
+
+
+def test_long_documents_are_scored_in_windows_and_joined_back():
+    from operators.windows import join_windows, split_long_documents
+    t = tokenized_table(pa.array(["a", "b"]), [list(range(10)), [1, 2, 3]],
+                        [np.r_[0, np.ones(9)].astype(np.uint8), np.array([0, 1, 1], np.uint8)])
+    windows, n_win = split_long_documents(t, 4)
+    assert n_win.tolist() == [3, 1] and windows.column(S.ID).to_pylist() == ["a#w0", "a#w1", "a#w2", "b"]
+    assert windows.column(S.TARGET_MASK).to_pylist()[1] == [0, 1, 1, 1]  # no context at a window start
+    # pretend-scored: keep every target, score = position
+    offsets = windows.column(S.INPUT_IDS).combine_chunks().offsets
+    flat_tm = windows.column(S.TARGET_MASK).combine_chunks().flatten()
+    scored = windows.append_column(S.LOSS_MASK, pa.ListArray.from_arrays(offsets, flat_tm)).append_column(
+        S.TOKEN_SCORES, pa.ListArray.from_arrays(offsets, pa.array(np.arange(13, dtype=np.float32))))
+    joined = join_windows(t, scored, n_win)
+    assert joined.column(S.LOSS_MASK).to_pylist() == [[0, 1, 1, 1, 0, 1, 1, 1, 0, 1], [0, 1, 1]]
+    assert joined.column(S.TOKEN_SCORES).to_pylist()[0] == list(range(10))
