@@ -27,10 +27,11 @@ def is_uri(path: str) -> bool:
 
 
 @lru_cache(maxsize=32)
-def _filesystem_for(scheme_and_authority: str) -> pafs.FileSystem:
-    if scheme_and_authority.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+def _filesystem_for(scheme_and_authority: str, endpoint: str | None = None) -> pafs.FileSystem:
+    # Cached per bucket and S3 endpoint: a process whose AWS_ENDPOINT_URL changes (a test
+    # session with a new S3 server, say) must not keep talking to the old endpoint.
+    if scheme_and_authority.startswith("s3://") and endpoint:
         # pyarrow reads AWS_ENDPOINT_URL itself only in some versions: be explicit.
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
         scheme = "https" if endpoint.startswith("https") else "http"
         return pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme=scheme,
                                  region=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")))
@@ -43,7 +44,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if is_uri(path) and not path.startswith("file://"):
         scheme, rest = path.split("://", 1)
         bucket = rest.split("/", 1)[0]
-        return _filesystem_for(f"{scheme}://{bucket}"), rest.rstrip("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+        return _filesystem_for(f"{scheme}://{bucket}", endpoint), rest.rstrip("/")
     if path.startswith("file://"):
         path = path[len("file://"):]
     return pafs.LocalFileSystem(), os.path.abspath(path)

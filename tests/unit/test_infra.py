@@ -45,13 +45,25 @@ def test_raycluster_has_head_cpu_and_gpu_groups():
         assert all(isinstance(v, str) for v in params.values()), "KubeRay wants string rayStartParams"
 
 
-def test_rayjob_runs_jobs_run_on_the_same_cluster_spec():
+def test_rayjob_runs_the_demo_on_the_same_cluster_spec():
     job = _load("kuberay/rayjob.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    assert job["spec"]["entrypoint"] == \
-        "python -m jobs.run /app/jobs/configs/demo.yaml --set run_dir=s3://bucket/runs/demo"
+    assert job["spec"]["entrypoint"] == "python -m jobs.demo --run-dir s3://bucket/runs/demo"
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["rayClusterSpec"] == _load("kuberay/raycluster.yaml")["spec"]
+
+
+def test_infra_names_only_entry_points_and_configs_that_exist():
+    texts = {p.relative_to(REPO).as_posix(): p.read_text() for p in sorted(INFRA.rglob("*")) if p.is_file()}
+    modules = {m for text in texts.values() for m in re.findall(r"python -m (jobs\.\w+)", text)}
+    assert {"jobs.run", "jobs.demo"} <= modules
+    for module in modules:
+        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"infra/ runs {module}, which does not exist"
+    # lower case: NAME.yaml is a placeholder
+    configs = {c for text in texts.values() for c in re.findall(r"jobs/configs/([a-z][\w.-]*\.yaml)", text)}
+    assert "example.yaml" in configs
+    for config in configs:
+        assert (REPO / "jobs" / "configs" / config).is_file(), f"infra/ names jobs/configs/{config}, which does not exist"
 
 
 def test_cluster_launcher_config_passes_rays_schema():

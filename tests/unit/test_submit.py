@@ -22,7 +22,7 @@ def _uploaded_names(project, config, tmp_path) -> tuple[str, list[str]]:
 @pytest.fixture
 def project(tmp_path):
     root = tmp_path / "project"
-    for path in ["jobs/run.py", "jobs/configs/demo.yaml", "pipeline/cli.py", "tests/test_x.py",
+    for path in ["jobs/run.py", "jobs/configs/example.yaml", "pipeline/cli.py", "tests/test_x.py",
                  ".venv/bin/python", "runs/demo/shard.arrow", "benchmarks/.cache/x", "benchmarks/bench.py"]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text("x")
@@ -34,14 +34,14 @@ def test_upload_has_code_and_outside_config_but_no_local_state(project, tmp_path
     outside.write_text("name: mine\n")
     config_arg, names = _uploaded_names(project, outside, tmp_path)
     assert config_arg == "_submitted/my.yaml"
-    assert names == ["_submitted/my.yaml", "benchmarks/bench.py", "jobs/configs/demo.yaml",
+    assert names == ["_submitted/my.yaml", "benchmarks/bench.py", "jobs/configs/example.yaml",
                      "jobs/run.py", "pipeline/cli.py"]
     assert not project.joinpath("_submitted").exists()  # the project tree is left alone
 
 
 def test_config_inside_project_keeps_its_path(project, tmp_path):
-    config_arg, names = _uploaded_names(project, project / "jobs/configs/demo.yaml", tmp_path)
-    assert config_arg == "jobs/configs/demo.yaml"
+    config_arg, names = _uploaded_names(project, project / "jobs/configs/example.yaml", tmp_path)
+    assert config_arg == "jobs/configs/example.yaml"
     assert not any(n.startswith("_submitted") for n in names)
 
 
@@ -51,7 +51,7 @@ def test_config_inside_project_keeps_its_path(project, tmp_path):
     (dict(runtime_env_extra={"working_dir": "."}), "may not set working_dir"),
 ])
 def test_user_errors_are_named_before_connecting(project, kwargs, message):
-    args = dict(address="http://127.0.0.1:1", config_path=str(project / "jobs/configs/demo.yaml"),
+    args = dict(address="http://127.0.0.1:1", config_path=str(project / "jobs/configs/example.yaml"),
                 overrides=[], project_root=project) | kwargs
     with pytest.raises(SubmitError, match=message):
         submit_job(**args)
@@ -59,7 +59,7 @@ def test_user_errors_are_named_before_connecting(project, kwargs, message):
 
 def test_unreachable_cluster_is_a_clear_error(project):
     with pytest.raises(SubmitError, match="cannot reach the Ray Jobs API at http://127.0.0.1:1"):
-        submit_job(address="http://127.0.0.1:1", config_path=str(project / "jobs/configs/demo.yaml"),
+        submit_job(address="http://127.0.0.1:1", config_path=str(project / "jobs/configs/example.yaml"),
                    overrides=[], project_root=project)
 
 
@@ -84,3 +84,24 @@ def test_cli_arguments(monkeypatch):
     args = parser.parse_args(["c.yaml", "--set", "a=1", "--set", "b=2", "--no-wait"])
     assert (args.config, args.overrides, args.wait, args.job_id) == ("c.yaml", ["a=1", "b=2"], False, None)
     assert args.address == "http://127.0.0.1:8265" and args.func is submit.main
+
+
+def test_runtime_env_extra_reaches_the_job(project, monkeypatch):
+    """env_vars (e.g. an S3 endpoint and keys for the job) and excludes are merged into the runtime_env."""
+    submitted = {}
+
+    class FakeClient:
+        def submit_job(self, **kwargs):
+            submitted.update(kwargs)
+            return "raysubmit_fake"
+
+    monkeypatch.setattr(submit, "_connect", lambda address: FakeClient())
+    env_vars = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k"}
+    code = submit_job(address="http://127.0.0.1:1", config_path=str(project / "jobs/configs/example.yaml"),
+                      overrides=["run_dir=s3://bucket/runs/x"], wait=False, project_root=project,
+                      runtime_env_extra={"env_vars": env_vars, "excludes": ["*.arrow"]})
+    assert code == 0
+    assert submitted["entrypoint"] == "python -m jobs.run jobs/configs/example.yaml --set run_dir=s3://bucket/runs/x"
+    runtime_env = submitted["runtime_env"]
+    assert runtime_env["env_vars"] == env_vars
+    assert runtime_env["excludes"] == submit.UPLOAD_EXCLUDES + ["*.arrow"]
