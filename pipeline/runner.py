@@ -131,6 +131,10 @@ def check_chain(config: Config) -> list[str]:
     """Stages that will run, after checking each one's input columns exist upstream."""
     have = set(S.DOC_SCHEMA.names)
     chain = [("read", (), tuple(S.DOC_SCHEMA.names))]
+    if config.embed:
+        chain.append(("embed", (S.TEXT, S.PROMPT, S.RESPONSE), (S.EMBEDDING,)))
+    if config.cluster:
+        chain.append(("cluster", (S.EMBEDDING,), (S.CLUSTER_ID, S.DOMAIN_ID)))
     if config.tokenize:
         chain.append(("tokenize", Tokenize.reads, Tokenize.adds))
     if config.selected_tokenizer:
@@ -181,6 +185,8 @@ def run(config: Config, address: str | None = None) -> dict:
     read_results = _run_stage("read", inputs, read_item, config, layout)
     parts = [p for r in read_results for p in r["parts"]]
     _report_quarantine(read_results)
+    if config.embed:
+        _run_climb_preprocessing(config, layout, parts)
 
     outputs = {}
     if config.tokenize:
@@ -197,6 +203,28 @@ def run(config: Config, address: str | None = None) -> dict:
             outputs[tok_cfg.name] = _write_manifest(config, layout, tok_cfg.name, op, results)
     say("done")
     return outputs
+
+
+def _run_climb_preprocessing(config: Config, layout: RunLayout, parts: list[dict]) -> None:
+    """Embed every document on an actor pool; then fit clusters on a sample and assign all."""
+    import ray
+    from pipeline import climb
+    e = config.embed
+    gpus = ray.cluster_resources().get("GPU", 0)
+    num_gpus = e.num_gpus if e.num_gpus is not None else (1.0 if gpus else 0.0)
+    actors = min(e.actors, max(1, len(parts)))
+    num_cpus = e.num_cpus or (1.0 if num_gpus else max(1.0, ray.cluster_resources().get("CPU", 1) // actors))
+    items = [{"name": p["name"]} for p in parts]
+    _run_stage("embed", items, climb.EmbedWorker, config, layout, num_cpus=num_cpus, num_gpus=num_gpus,
+               actors=actors, actor_kwargs={"threads": int(num_cpus)})
+    if config.cluster is None:
+        return
+    _run_stage("cluster/fit", [{"name": "fit", "parts": parts}], climb.cluster_fit_item, config, layout)
+    assigned = _run_stage("cluster/assign", items, climb.cluster_assign_item, config, layout)
+    report_path = layout.path("cluster", "clusters.json")
+    report = (json.loads(storage.read_text(report_path)) if storage.exists(report_path)
+              else climb.write_cluster_report(config, layout, parts, assigned))
+    say(climb.describe_domains(report))
 
 
 def _run_select(config: Config, layout: RunLayout, parts: list[dict], name: str, op: Tokenize) -> None:

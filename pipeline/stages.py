@@ -111,6 +111,19 @@ def get_tokenizer(config: Config, index: int) -> Tokenize:
     return _TOKENIZERS[key]
 
 
+def _documents_for_tokenize(config: Config, layout: RunLayout, part: str) -> tuple[pa.Table, int]:
+    """A read part, with cluster_id/domain_id joined when clustering ran; documents of
+    pruned clusters (null domain) are left out and counted as filtered."""
+    docs = sink.read_table(layout.part("read", part))
+    if config.cluster is None:
+        return docs, 0
+    from pipeline.climb import domain_columns
+    for name, column in domain_columns(layout, part).items():
+        docs = docs.append_column(name, column)
+    kept = docs.filter(pa.compute.is_valid(docs.column(S.DOMAIN_ID)))
+    return kept, docs.num_rows - kept.num_rows
+
+
 def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
     """Tokenize one read part for each tokenizer still to do; pack it too when `item["pack"]`.
 
@@ -128,7 +141,8 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
         pack_inline = t in item["pack"]
         if storage.exists(tok_marker) and (not pack_inline or storage.exists(pack_marker)):
             continue
-        docs = sink.read_table(layout.part("read", item["name"])) if docs is None else docs
+        if docs is None:
+            docs, pruned = _documents_for_tokenize(config, layout, item["name"])
         op = get_tokenizer(config, t)
         n = config.tokenize.docs_per_batch
         pieces, rejected = [], []
@@ -143,8 +157,9 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
         else:
             sink.write_table(layout.part(f"tokenize/{name}", item["name"]), out,
                              compression=INTERMEDIATE_COMPRESSION, rows_per_batch=1 << 16)
-        result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
-                  "rows_quarantined": len(rejected), "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
+        result = {"item": item["name"], "rows_in": docs.num_rows + pruned, "rows_out": out.num_rows,
+                  "rows_filtered": pruned, "rows_quarantined": len(rejected),
+                  "tokens": int(pa.compute.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
         write_marker(tok_marker, result)
         if pack_inline:
             write_marker(pack_marker, pack_result)
