@@ -70,7 +70,8 @@ def run_items(stage: str, items: list[dict], work: Callable[[Config, str, dict],
                 return {"result": np.array(out, dtype=object)}
 
         _Actor.__name__ = f"{cls.__name__}Actor"
-        ds = ds.map_batches(_Actor, batch_size=1, concurrency=actors or 1, num_cpus=num_cpus, num_gpus=num_gpus)
+        ds = ds.map_batches(_Actor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors or 1),
+                            num_cpus=num_cpus, num_gpus=num_gpus)
     else:
         fn = work
 

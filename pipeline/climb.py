@@ -10,7 +10,7 @@ clusters are counted as filtered there, and packed rows carry `domain_ids`.
 """
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import tempfile
@@ -58,9 +58,15 @@ class EmbedWorker:
         sink.write_table(self.layout.part("embed", item["name"]), out, compression=INTERMEDIATE_COMPRESSION,
                          rows_per_batch=1 << 16)
         result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
-                  "rows_quarantined": 0}
+                  "rows_quarantined": 0, "worker": worker_identity()}
         write_marker(self.layout.done_marker("embed", item["name"]), result)
         return result
+
+
+def worker_identity() -> dict:
+    """Which process and which (logical) GPUs ran an item: recorded in its marker."""
+    import ray
+    return {"pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 def _sample_rows(parts: list[dict], size: int, seed: int) -> dict[str, np.ndarray]:
@@ -103,12 +109,13 @@ _FITS: dict[str, object] = {}
 
 def load_fit(layout: RunLayout):
     from operators.cluster import ClusterFit
-    key = layout.run_dir
+    files = {name: storage.read_bytes(layout.path("cluster", "fit", name)) for name in ("centroids.npy", "cluster_fit.json")}
+    key = hashlib.sha256(files["centroids.npy"] + files["cluster_fit.json"]).hexdigest()  # a re-fit is a new fit
     if key not in _FITS:
         with tempfile.TemporaryDirectory() as tmp:
-            for name in ("centroids.npy", "cluster_fit.json"):
+            for name, data in files.items():
                 with open(os.path.join(tmp, name), "wb") as f:
-                    f.write(storage.read_bytes(layout.path("cluster", "fit", name)))
+                    f.write(data)
             _FITS[key] = ClusterFit.load(tmp)
     return _FITS[key]
 

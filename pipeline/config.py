@@ -54,16 +54,26 @@ class SourceConfig(_Strict):
 
     @property
     def resolved_format(self) -> str:
+        """The format of this source's path; for a glob, of the files it names (see format_of)."""
+        return self.format_of(self.path)
+
+    def format_of(self, path: str) -> str:
+        """The format of one input: the configured one, else by extension; an
+        extension-less path is a `datasets.save_to_disk` directory."""
         if self.format != "auto":
             return self.format
-        p = self.path.lower()
+        p = path.lower()
         if p.startswith("hf:"):
             return "hf"
         for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"),
                          (".parquet", "parquet"), (".txt", "text"), (".md", "text")):
             if p.endswith(ext) or p.endswith(ext + ".gz") or p.endswith(ext + ".zst"):
                 return fmt
-        return "hf_disk"  # a directory written by datasets.save_to_disk
+        return "hf_disk"
+
+    @property
+    def is_glob(self) -> bool:
+        return any(ch in self.path for ch in "*?[")
 
 
 class ReadConfig(_Strict):
@@ -300,8 +310,14 @@ def check_inputs(config: Config) -> None:
         fmt = src.resolved_format
         if fmt == "hf":
             continue  # a datasets spec is resolved by datasets itself
-        if not storage.glob(src.path):
+        matches = storage.glob(src.path)
+        if not matches:
             problems.append(f"  sources.{i}.path: no file matches {src.path!r}")
+        elif src.is_glob and src.format == "auto":
+            unknown = [m for m in matches if src.format_of(m) == "hf_disk"]
+            if unknown:
+                problems.append(f"  sources.{i}.path: cannot tell the format of {unknown[0]!r} "
+                                f"(+{len(unknown) - 1} more) by its extension: set sources.{i}.format")
     if config.tokenize:
         for i, tok in enumerate(config.tokenize.tokenizers):
             kind, _, where = tok.spec.partition(":")

@@ -353,7 +353,7 @@ def read_text(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterator
 
 def _hf_dataset(source: SourceConfig, path: str):
     import datasets
-    if source.resolved_format == "hf":
+    if source.format_of(path) == "hf":
         spec = path[3:] if path.startswith("hf:") else path
         ds = datasets.load_dataset(spec, **source.hf_kwargs)
     else:
@@ -383,10 +383,10 @@ def expand_source(source: SourceConfig) -> list[str]:
     """The input files of a source, sorted (HF specs are one input)."""
     if source.resolved_format == "hf":
         return [source.path]
-    if source.resolved_format == "hf_disk":
+    if not source.is_glob and source.resolved_format == "hf_disk":
         return [source.path] if storage.exists(source.path) else []
     return storage.glob(source.path)
 
 
 def read_file(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterator[Chunk]:
-    return READERS[source.resolved_format](source, path, read_cfg)
+    return READERS[source.format_of(path)](source, path, read_cfg)

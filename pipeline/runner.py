@@ -180,7 +180,10 @@ def run(config: Config, address: str | None = None) -> dict:
 
     inputs = []
     for s, src in enumerate(config.sources):
-        for f, path in enumerate(expand_source(src)):
+        paths = expand_source(src)
+        if not paths:  # checked before Ray started; a file can still vanish in between
+            raise ConfigError(f"sources.{s}.path: no input matches {src.path!r}")
+        for f, path in enumerate(paths):
             inputs.append({"name": f"s{s:03d}-f{f:05d}", "source": s, "path": path})
     read_results = _run_stage("read", inputs, read_item, config, layout)
     parts = [p for r in read_results for p in r["parts"]]

@@ -150,7 +150,7 @@ def tokenize_item(config: Config, run_dir: str, item: dict) -> dict:
             table, rej = op.tokenize(docs.slice(start, n))
             pieces.append(table)
             rejected.extend({"id": i, "reason": r} for i, r in zip(rej.ids, rej.reasons))
-        out = pa.concat_tables(pieces) if pieces else docs.slice(0, 0)
+        out = pa.concat_tables(pieces) if pieces else op.tokenize(docs.slice(0, 0))[0]
         _write_quarantine(layout, f"tokenize-{name}-{item['name']}", rejected)
         if pack_inline:
             pack_result = pack_docs(config, layout, name, op.tok.pad_id, item, out)
@@ -208,8 +208,9 @@ class SelectWorker:
                          rows_per_batch=1 << 16)
         target = int(pa.compute.sum(pa.compute.list_flatten(out.column(S.TARGET_MASK))).as_py() or 0)
         kept = int(pa.compute.sum(pa.compute.list_flatten(out.column(S.LOSS_MASK))).as_py() or 0)
+        from pipeline.climb import worker_identity
         result = {"item": item["name"], "rows_in": docs.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
-                  "rows_quarantined": 0, "target_tokens": target, "loss_tokens": kept}
+                  "rows_quarantined": 0, "target_tokens": target, "loss_tokens": kept, "worker": worker_identity()}
         write_marker(layout.done_marker(f"select/{name}", item["name"]), result)
         return result
 

@@ -32,8 +32,8 @@ def _filesystem_for(scheme_and_authority: str, endpoint: str | None = None) -> p
     # session with a new S3 server, say) must not keep talking to the old endpoint.
     if scheme_and_authority.startswith("s3://") and endpoint:
         # pyarrow reads AWS_ENDPOINT_URL itself only in some versions: be explicit.
-        scheme = "https" if endpoint.startswith("https") else "http"
-        return pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[1], scheme=scheme,
+        scheme, _, host = endpoint.rpartition("://")  # a bare host:port means https, like the AWS SDKs
+        return pafs.S3FileSystem(endpoint_override=host, scheme=scheme or "https",
                                  region=os.environ.get("AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")))
     fs, _ = pafs.FileSystem.from_uri(scheme_and_authority + "/")
     return fs

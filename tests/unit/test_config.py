@@ -93,3 +93,13 @@ def test_duplicate_tokenizer_names_rejected():
     with pytest.raises(ConfigError, match="unique"):
         parse_config({"run_dir": "r", "sources": [{"path": "a.jsonl"}], "tokenize": {"tokenizers": [
             {"name": "a", "spec": "tiktoken:x"}, {"name": "a", "spec": "tiktoken:y"}]}})
+
+
+def test_glob_formats_are_decided_per_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.jsonl.zst").write_bytes(b"")
+    (tmp_path / "c.jsonl.bak").write_text("")
+    cfg = parse_config({"run_dir": "r", "sources": [{"path": f"{tmp_path}/*.jsonl*"}]})
+    assert cfg.sources[0].format_of(str(tmp_path / "b.jsonl.zst")) == "jsonl"
+    with pytest.raises(ConfigError, match=r"sources\.0\.path: cannot tell the format of .*c\.jsonl\.bak"):
+        check_inputs(cfg)

