@@ -76,7 +76,7 @@ def _stage_lines(run_dir: str) -> list[str]:
     candidates = ["read"]
     for group in ("embed", "cluster", "mixture", "tokenize", "score", "select", "pack"):
         sub = [f"{group}/{n}" for n in storage.listdir(storage.join(run_dir, group))
-               if n not in ("parts", "done", "_SUCCESS.json") and not n.endswith(".json")]
+               if n not in ("parts", "done") and "done" in storage.listdir(storage.join(run_dir, group, n))]
         candidates += sub or ([group] if storage.exists(storage.join(run_dir, group)) else [])
     for stage in candidates:
         marker = storage.join(run_dir, *stage.split("/"), "_SUCCESS.json")
@@ -98,6 +98,10 @@ def inspect_run(run_dir: str, verify: bool = False) -> str:
         out.append(f"config sha256 {storage.read_text(storage.join(run_dir, 'config.sha256')).strip()}")
     out.append("stages:")
     out += _stage_lines(run_dir) or ["  (none started)"]
+    clusters = storage.join(run_dir, "cluster", "clusters.json")
+    if storage.exists(clusters):
+        from pipeline.climb import describe_domains
+        out.append(describe_domains(json.loads(storage.read_text(clusters)), limit=12))
     reasons = Counter()
     for name in storage.listdir(storage.join(run_dir, "quarantine")):
         for line in storage.read_text(storage.join(run_dir, "quarantine", name)).splitlines():

@@ -92,9 +92,9 @@ def size(path: str) -> int:
 
 
 def listdir(path: str) -> list[str]:
-    """Base names of the entries in a directory ([] if it does not exist)."""
+    """Base names of the entries in a directory ([] if it is not one)."""
     fs, p = resolve(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
         return []
     return sorted(posixpath.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(p)))
 
