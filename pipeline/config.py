@@ -158,6 +158,49 @@ class ClusterSection(_Strict):
         return self
 
 
+class ProxySection(_Strict):
+    """The small causal LM trained per candidate mixture (operators/proxy.py)."""
+    hidden: int = Field(64, ge=1)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=2)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    init_from: str | None = None      # a local checkpoint to continue from
+
+
+class MixtureSection(_Strict):
+    """CLIMB mixture search (algorithms.md) and sampling the corpus to the mixture found."""
+    target: SourceConfig | None = None  # validation loss on this corpus (default metric)
+    task: str | None = None             # or: multiple-choice JSON Lines {question, choices, answer}
+    rounds: list[int] = Field(default_factory=lambda: [64, 32, 16], min_length=1)
+    budget_tokens: int = Field(ge=1)
+    tokenizer: str | None = None        # whose tokens proxies train on and the budget counts; default: first
+    proxy: ProxySection = ProxySection()
+    seed: int = Field(0, ge=0)
+    num_draws: int = Field(100_000, ge=1)
+    max_epochs: float = Field(15, gt=0)
+    domain_tokens: int = Field(4_000_000, ge=1, description="tokens kept per domain as proxy training data")
+    target_rows: int = Field(256, ge=1, description="rows of proxy.seq_len tokens the target loss averages")
+    num_cpus: float = Field(1.0, gt=0, description="per proxy run (its torch threads)")
+    num_gpus: float | None = Field(None, ge=0, description="per proxy run; default 1 when the cluster has GPUs")
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, v):
+        if any(r < 1 for r in v):
+            raise ValueError("every round needs at least one proxy")
+        return v
+
+    @model_validator(mode="after")
+    def _one_metric(self):
+        if (self.target is None) == (self.task is None):
+            raise ValueError("give exactly one of target (a corpus: validation loss) or task (multiple choice)")
+        return self
+
+
 class SelectConfig(_Strict):
     """Token selection (algorithms.md): ssToken for SFT data, Rho-1 for pre-training data."""
     method: Literal["sstoken", "rho1", "none"]
@@ -208,6 +251,7 @@ class Config(_Strict):
     embed: EmbedSection | None = None
     cluster: ClusterSection | None = None
     tokenize: TokenizeConfig | None = None
+    mixture: MixtureSection | None = None
     select: SelectConfig | None = None
     pack: PackConfig | None = None
     output: OutputConfig = OutputConfig()
@@ -219,6 +263,12 @@ class Config(_Strict):
             raise ValueError("pack needs a tokenize section")
         if self.cluster is not None and self.embed is None:
             raise ValueError("cluster needs an embed section")
+        if self.mixture is not None:
+            if self.cluster is None or self.tokenize is None:
+                raise ValueError("mixture needs cluster (its domains) and tokenize sections")
+            names = [t.name for t in self.tokenize.tokenizers]
+            if self.mixture.tokenizer is not None and self.mixture.tokenizer not in names:
+                raise ValueError(f"mixture.tokenizer {self.mixture.tokenizer!r} is not one of the tokenizers {names}")
         if self.select is not None:
             if self.tokenize is None:
                 raise ValueError("select needs a tokenize section")
@@ -328,6 +378,14 @@ def check_inputs(config: Config) -> None:
     if config.cluster is not None and config.cluster.prune and config.cluster.prune.classifier \
             and not storage.exists(config.cluster.prune.classifier):
         problems.append(f"  cluster.prune.classifier: file not found: {config.cluster.prune.classifier}")
+    if config.mixture is not None:
+        m = config.mixture
+        if m.target is not None and m.target.resolved_format != "hf" and not storage.glob(m.target.path):
+            problems.append(f"  mixture.target.path: no file matches {m.target.path!r}")
+        if m.task is not None and not storage.exists(m.task):
+            problems.append(f"  mixture.task: file not found: {m.task}")
+        if m.proxy.init_from is not None and not storage.exists(m.proxy.init_from):
+            problems.append(f"  mixture.proxy.init_from: checkpoint not found: {m.proxy.init_from}")
     if config.select is not None:
         for key in ("current_model", "history_model", "reference_model"):
             where = getattr(config.select, key)

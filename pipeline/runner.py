@@ -99,7 +99,8 @@ def _run_tokenize_pack(config: Config, layout: RunLayout, parts: list[dict]) -> 
     pass each tokenizer whose shards need no model stage in between."""
     from pipeline.adapter import run_items
     names = [t.name for t in config.tokenize.tokenizers]
-    inline = [t for t, n in enumerate(names) if config.pack and n != config.selected_tokenizer]
+    inline = [t for t, n in enumerate(names)
+              if config.pack and n != config.selected_tokenizer and config.mixture is None]
     stages = [f"tokenize/{n}" for n in names] + [f"pack/{names[t]}" for t in inline]
     if all(_stage_done(layout, s) for s in stages):
         say(f"tokenize{'+pack' if config.pack else ''}: complete, skipped")
@@ -192,18 +193,32 @@ def run(config: Config, address: str | None = None) -> dict:
         _run_climb_preprocessing(config, layout, parts)
 
     outputs = {}
-    if config.tokenize:
-        for tok_cfg, op in zip(config.tokenize.tokenizers, tokenizers):
-            storage.write_text_atomic(storage.join(layout.stage_dir(f"tokenize/{tok_cfg.name}"), "tokenizer.json"),
-                                      json.dumps({"name": tok_cfg.name, **op.describe()}, indent=2, sort_keys=True))
-        _run_tokenize_pack(config, layout, parts)
+    if not config.tokenize:
+        say("done")
+        return outputs
+    names = [t.name for t in config.tokenize.tokenizers]
+    for name, op in zip(names, tokenizers):
+        storage.write_text_atomic(storage.join(layout.stage_dir(f"tokenize/{name}"), "tokenizer.json"),
+                                  json.dumps({"name": name, **op.describe()}, indent=2, sort_keys=True))
+    _run_tokenize_pack(config, layout, parts)
+    source = {n: f"tokenize/{n}" for n in names}  # the stage each tokenizer's documents come from
+    mixture_block: dict = {}
+    if config.mixture:
+        mixture_block = _run_mixture(config, layout, parts)
+        source = {n: f"mix/{n}" for n in names}
     selected = config.selected_tokenizer
     if selected:
-        _run_select(config, layout, parts, selected, tokenizers[[t.name for t in config.tokenize.tokenizers].index(selected)])
+        _run_select(config, layout, parts, selected, source[selected])
+        source[selected] = f"select/{selected}"
     if config.pack:
-        for tok_cfg, op in zip(config.tokenize.tokenizers, tokenizers):
-            results = read_marker(layout.stage_marker(f"pack/{tok_cfg.name}"))["items"]
-            outputs[tok_cfg.name] = _write_manifest(config, layout, tok_cfg.name, op, results)
+        for name, op in zip(names, tokenizers):
+            stage = f"pack/{name}"
+            if source[name] != f"tokenize/{name}":  # packed in the tokenize pass otherwise
+                from pipeline.stages import pack_item
+                _run_stage(stage, [{"name": p["name"], "shard": i, "tokenizer_name": name, "pad_id": op.tok.pad_id,
+                                    "input_stage": source[name]} for i, p in enumerate(parts)], pack_item, config, layout)
+            results = read_marker(layout.stage_marker(stage))["items"]
+            outputs[name] = _write_manifest(config, layout, name, op, results, mixture_block)
     say("done")
     return outputs
 
@@ -230,22 +245,42 @@ def _run_climb_preprocessing(config: Config, layout: RunLayout, parts: list[dict
     say(climb.describe_domains(report))
 
 
-def _run_select(config: Config, layout: RunLayout, parts: list[dict], name: str, op: Tokenize) -> None:
-    """Score and select tokens for one tokenizer on an actor pool, then pack its shards."""
+def _part_rows(layout: RunLayout, stage: str, parts: list[dict]) -> list[int]:
+    """Documents in each part of a stage's output (from its item markers)."""
+    key = "copies" if stage.startswith("mix/") else "rows_out"
+    marker_stage = "mix" if stage.startswith("mix/") else stage
+    return [read_marker(layout.done_marker(marker_stage, p["name"]))[key] for p in parts]
+
+
+def _run_select(config: Config, layout: RunLayout, parts: list[dict], name: str, input_stage: str) -> None:
+    """Score and select tokens for one tokenizer on an actor pool."""
     import ray
-    from pipeline.stages import SelectWorker, pack_item
+    from pipeline.stages import SelectWorker
     c = config.select
     num_gpus = c.num_gpus if c.num_gpus is not None else (1.0 if ray.cluster_resources().get("GPU", 0) else 0.0)
     first_doc, items = 0, []
-    for p in parts:
-        items.append({"name": p["name"], "tokenizer_name": name, "first_doc": first_doc})
-        first_doc += p["rows"]
+    for p, rows in zip(parts, _part_rows(layout, input_stage, parts)):
+        items.append({"name": p["name"], "tokenizer_name": name, "first_doc": first_doc, "input_stage": input_stage})
+        first_doc += rows
     _run_stage(f"select/{name}", items, SelectWorker, config, layout, num_cpus=c.num_cpus, num_gpus=num_gpus,
                actors=min(c.actors, max(1, len(items))))
-    if config.pack:
-        pack_items = [{"name": p["name"], "shard": i, "tokenizer_name": name, "pad_id": op.tok.pad_id,
-                       "input_stage": f"select/{name}"} for i, p in enumerate(parts)]
-        _run_stage(f"pack/{name}", pack_items, pack_item, config, layout)
+
+
+def _run_mixture(config: Config, layout: RunLayout, parts: list[dict]) -> dict:
+    """Search the domain weights, sample the corpus to them; returns the manifest's mixture block."""
+    from pipeline import mixture as mx
+
+    def run_stage(stage, items, work, **kw):
+        return _run_stage(stage, items, work, config, layout, **kw)
+
+    result = mx.run_search(config, layout, parts, run_stage, say)
+    plan = mx.write_mix_plan(config, layout, result)
+    _, search_name = mx.search_tokenizer(config)
+    run_stage("mix", mx.mix_items(mx.tokenized_rows(layout, search_name, parts)), mx.mix_item)
+    say(f"mix: {plan['documents']} documents (copies counted) for {plan['budget_tokens']} tokens; "
+        f"realised weights {plan['realised_weights']}")
+    return {"weights": result["weights"], "prior": result["prior"], "realised_weights": plan["realised_weights"],
+            "budget_tokens": plan["budget_tokens"], "search": "mixture/mixture.json"}
 
 
 def _report_quarantine(results: list[dict]) -> None:
@@ -272,7 +307,8 @@ def _selection_block(config: Config, layout: RunLayout, name: str, counts: dict)
     return block
 
 
-def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, results: list[dict]) -> str:
+def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, results: list[dict],
+                    mixture: dict | None = None) -> str:
     counts = {k: 0 for k in ("rows", "docs", "tokens", "target_tokens", "loss_tokens", "pad_tokens")}
     pieces = split_docs = 0
     for r in results:
@@ -288,7 +324,7 @@ def _write_manifest(config: Config, layout: RunLayout, name: str, op: Tokenize, 
         "packing": {"method": config.pack.method, "pieces": pieces, "split_docs": split_docs,
                     "padding_fraction": round(counts["pad_tokens"] / total, 6) if total else 0.0},
         "selection": _selection_block(config, layout, name, counts),
-        "mixture": {},
+        "mixture": mixture or {},
         "shards": [{"file": r["file"], "rows": r["stats"]["rows"], "bytes": r["bytes"], "sha256": r["sha256"]}
                    for r in results],
         "compression": config.output.compression,

@@ -191,7 +191,7 @@ class SelectWorker:
     def __call__(self, item: dict) -> dict:
         import dataclasses
         name, layout, c = item["tokenizer_name"], self.layout, self.config.select
-        docs = sink.read_table(layout.part(f"tokenize/{name}", item["name"]))
+        docs = sink.read_table(layout.part(item.get("input_stage", f"tokenize/{name}"), item["name"]))
         base, warm = self.scorer.config, dataclasses.replace(self.scorer.config, warmup=True)
         pieces = []
         for start in range(0, docs.num_rows, c.docs_per_batch):
