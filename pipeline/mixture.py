@@ -156,10 +156,14 @@ def _load_state(layout: RunLayout, config: Config, data: dict):
     if storage.exists(path):
         return SearchState.from_dict(json.loads(storage.read_text(path)))
     m = config.mixture
-    corpus_tokens = sum(_load_domains(layout)[1])
+    corpus_tokens = float(sum(_load_domains(layout)[1]))
+    # RegMix caps w_d <= max_epochs * prior_d * corpus / budget. When the budget is more than
+    # max_epochs times the corpus no mixture satisfies that: search with the reference code's
+    # caps (ratio 1) and let the mix stage lower the budget to what the weights allow.
+    ratio = corpus_tokens / m.budget_tokens if corpus_tokens * m.max_epochs >= m.budget_tokens else 1.0
     search = SearchConfig(rounds=tuple(m.rounds), seed=m.seed, num_draws=m.num_draws, max_epochs=m.max_epochs,
                           metric="target_loss" if m.target is not None else "task_accuracy",
-                          epoch_budget_ratio=corpus_tokens / m.budget_tokens)
+                          epoch_budget_ratio=ratio)
     return SearchState.create(prior=data["prior"], domain_ids=data["domain_ids"], config=search)
 
 
@@ -188,7 +192,8 @@ def run_search(config: Config, layout: RunLayout, parts: list[dict], run_stage, 
     for r in range(state.num_rounds):
         trials = state.ensure_planned(r)
         _save_state(layout, state)  # the plan is persisted before any proxy of the round runs
-        items = [{"name": f"t{t.index:04d}", "round": r, "index": t.index, "seed": m.seed * 1_000_003 + r * 10_007 + t.index,
+        # One seed for every proxy (initialisation and row draws): scores then differ by mixture only.
+        items = [{"name": f"t{t.index:04d}", "round": r, "index": t.index, "seed": m.seed,
                   "vocab_size": data["vocab_size"],
                   "weights": {str(d): w for d, w in zip(state.domain_ids, t.weights)}} for t in trials]
         say(f"mixture round {r + 1}/{state.num_rounds}: {len(items)} proxies")
@@ -222,12 +227,19 @@ def write_mix_plan(config: Config, layout: RunLayout, result: dict) -> dict:
     for d, w in result["weights"].items():
         weights_D[int(d)] = w
     m = config.mixture
-    sample = sample_to_mixture(domains_N, tokens_N, weights_D, m.budget_tokens, seed=m.seed, max_epochs=int(m.max_epochs))
+    # The largest budget the weights can be realised at without repeating a domain more than
+    # max_epochs times: beyond it the shards would drift from the weights instead.
+    available_D = np.bincount(domains_N[domains_N >= 0], weights=tokens_N[domains_N >= 0], minlength=num_domains)
+    positive = weights_D > 0
+    feasible = float(np.min(m.max_epochs * available_D[positive] / weights_D[positive])) if positive.any() else 0.0
+    budget = min(float(m.budget_tokens), feasible)
+    sample = sample_to_mixture(domains_N, tokens_N, weights_D, budget, seed=m.seed, max_epochs=int(m.max_epochs))
     buf = io.BytesIO()
     np.savez(buf, doc_indices=sample.doc_indices, copy_numbers=sample.copy_numbers)
     storage.write_atomic(layout.path("mix", "plan.npz"), buf.getvalue())
     realised = realised_weights(domains_N, tokens_N, sample.doc_indices, num_domains)
-    plan = {"weights": result["weights"], "budget_tokens": m.budget_tokens, "documents": int(len(sample.doc_indices)),
+    plan = {"weights": result["weights"], "budget_tokens": m.budget_tokens, "effective_budget_tokens": int(budget),
+            "documents": int(len(sample.doc_indices)),
             "realised_weights": {str(d): round(float(w), 6) for d, w in enumerate(realised) if w > 0},
             "report": json.loads(json.dumps(sample.report, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))}
     storage.write_text_atomic(path, json.dumps(plan, indent=1) + "\n")

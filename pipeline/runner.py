@@ -277,10 +277,14 @@ def _run_mixture(config: Config, layout: RunLayout, parts: list[dict]) -> dict:
     plan = mx.write_mix_plan(config, layout, result)
     _, search_name = mx.search_tokenizer(config)
     run_stage("mix", mx.mix_items(mx.tokenized_rows(layout, search_name, parts)), mx.mix_item)
-    say(f"mix: {plan['documents']} documents (copies counted) for {plan['budget_tokens']} tokens; "
+    if plan["effective_budget_tokens"] < plan["budget_tokens"]:
+        say(f"mix: budget_tokens={plan['budget_tokens']} needs more than mixture.max_epochs repeats of some domain "
+            f"at these weights; sampled {plan['effective_budget_tokens']} tokens instead, keeping the weights")
+    say(f"mix: {plan['documents']} documents (copies counted) for {plan['effective_budget_tokens']} tokens; "
         f"realised weights {plan['realised_weights']}")
     return {"weights": result["weights"], "prior": result["prior"], "realised_weights": plan["realised_weights"],
-            "budget_tokens": plan["budget_tokens"], "search": "mixture/mixture.json"}
+            "budget_tokens": plan["budget_tokens"], "effective_budget_tokens": plan["effective_budget_tokens"],
+            "search": "mixture/mixture.json"}
 
 
 def _report_quarantine(results: list[dict]) -> None:
