@@ -4,8 +4,9 @@ A stage is a list of items (an input file, a part, a shard) and a function or
 class that processes one item and returns its counts. `run_items` runs them as
 a Ray Data `map_batches` over the item list:
 
-* a function runs as Ray tasks (CPU stages; per-process caches keep a
-  tokenizer loaded across the tasks of one worker);
+* a function runs as plain Ray tasks, one per item, all submitted at once
+  (CPU stages; per-process caches keep a tokenizer loaded across the tasks of
+  one worker);
 * a class (constructor once per actor, then called per item) runs as an actor
   pool, with `num_gpus` per actor when the stage asks for GPUs.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +49,27 @@ def init_ray(ray_cfg: RayConfig, address: str | None = None) -> None:
     ctx.execution_options.preserve_order = False  # results carry their own keys
 
 
+def _run_tasks(stage: str, items: list[dict], fn, *, config: Config, run_dir: str, num_cpus: float,
+               num_gpus: float) -> list[dict]:
+    """One Ray task per item, all submitted at once: Ray queues them by resources, so every
+    CPU stays busy. (Ray Data's map_batches held these stages to one task at a time on a
+    2-CPU node: its per-operator resource budget backpressured the second task.)"""
+    from tqdm import tqdm
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(fn).options(name=stage)
+    config_ref = ray.put(config)
+    pending = {remote.remote(config_ref, run_dir, it): it["name"] for it in items}
+    by_item = {}
+    with tqdm(total=len(items), desc=stage, unit="item", file=sys.stderr, disable=None) as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                pending.pop(ref)
+                result = ray.get(ref)
+                by_item[result["item"]] = result
+                bar.update(1)
+    return [by_item[it["name"]] for it in items]
+
+
 def _encode(items: list[dict]) -> list[dict]:
     return [{"item": json.dumps(it)} for it in items]
 
@@ -73,14 +96,7 @@ def run_items(stage: str, items: list[dict], work: Callable[[Config, str, dict],
         ds = ds.map_batches(_Actor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors or 1),
                             num_cpus=num_cpus, num_gpus=num_gpus)
     else:
-        fn = work
-
-        def _task(batch):
-            out = [json.dumps(fn(config, run_dir, json.loads(s))) for s in batch["item"]]
-            return {"result": np.array(out, dtype=object)}
-
-        _task.__name__ = stage.replace("/", "_")
-        ds = ds.map_batches(_task, batch_size=1, num_cpus=num_cpus)
+        return _run_tasks(stage, items, work, config=config, run_dir=run_dir, num_cpus=num_cpus, num_gpus=num_gpus)
     results = [json.loads(r["result"]) for r in ds.take_all()]
     by_item = {r["item"]: r for r in results}
     missing = [it["name"] for it in items if it["name"] not in by_item]

@@ -34,6 +34,7 @@ class Chunk:
     docs: pa.Table                      # DOC_SCHEMA
     quarantine: list[dict]              # one record per rejected row
     rows_in: int
+    text_bytes: int = 0                 # characters of text kept (the part's work, roughly)
 
 
 # --- decompression ------------------------------------------------------------
@@ -181,7 +182,7 @@ class _DocBuilder:
         table = pa.table({**{k: self.cols[k] for k in (S.ID, S.TEXT, S.PROMPT, S.RESPONSE)},
                           S.SOURCE: pa.array([self.path] * n, pa.string()),
                           S.SOURCE_LINE: self.cols[S.SOURCE_LINE]}, schema=S.DOC_SCHEMA)
-        chunk = Chunk(table, self.quarantine, self.rows_in)
+        chunk = Chunk(table, self.quarantine, self.rows_in, self.text_bytes)
         self.__init__(self.src, self.path, ReadConfig(max_doc_chars=self.max_chars))
         return chunk
 

@@ -115,6 +115,9 @@ def _run_tokenize_pack(config: Config, layout: RunLayout, parts: list[dict]) -> 
     if len(items) < len(parts):
         say(f"tokenize: resuming, {len(parts) - len(items)} of {len(parts)} parts already done")
     t0 = time.time()
+    # Largest parts first: the last tasks are then small, and no core idles long at the end.
+    size = {p["name"]: p.get("bytes", p["rows"]) for p in parts}
+    items.sort(key=lambda it: -size[it["name"]])
     run_items("tokenize", items, tokenize_item, config=config, run_dir=layout.run_dir)
     for s in stages:
         if not _stage_done(layout, s):

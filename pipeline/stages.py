@@ -80,7 +80,7 @@ def read_item(config: Config, run_dir: str, item: dict) -> dict:
             name = f"{item['name']}-{k:05d}"
             sink.write_table(layout.part("read", name), chunk.docs, compression=INTERMEDIATE_COMPRESSION,
                              rows_per_batch=1 << 16)
-            parts.append({"name": name, "rows": chunk.docs.num_rows})
+            parts.append({"name": name, "rows": chunk.docs.num_rows, "bytes": chunk.text_bytes})
             rows_out += chunk.docs.num_rows
     _write_quarantine(layout, f"read-{item['name']}", quarantine)
     result = {"item": item["name"], "path": item["path"], "parts": parts, "rows_in": rows_in, "rows_out": rows_out,
