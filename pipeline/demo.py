@@ -140,8 +140,10 @@ def demo_config(run_dir: str, paths: dict[str, str]) -> dict:
         "embed": {"max_seq_length": 128},
         "cluster": {"k_init": 24, "sample_size": 5000, "prune": {"min_quality": 2.0}, "merge": {"num_domains": 6}},
         # CLIMB search: which domain weights make a tiny proxy best on held-out stdlib code.
+        # Proxies read the SentencePiece ids (4k vocabulary): a 100k-vocabulary output layer would
+        # be most of a tiny proxy's cost.
         "mixture": {"target": {"path": paths["target"], "text_field": "text"}, "rounds": [8, 4, 2],
-                    "budget_tokens": 300_000, "num_draws": 20_000,
+                    "budget_tokens": 300_000, "num_draws": 20_000, "tokenizer": "demo-sp", "target_rows": 64,
                     "proxy": {"hidden": 32, "layers": 1, "heads": 2, "seq_len": 64, "steps": 40, "batch_size": 8}},
         # ssToken on the SentencePiece shards, with the two checkpoints the demo trained.
         "select": {"method": "sstoken", "tokenizer": "demo-sp", "current_model": paths["current_model"],

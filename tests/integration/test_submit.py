@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -97,12 +98,15 @@ def test_failed_job_returns_1(head_url, project, outside_config, with_token, cap
     assert out.rstrip().endswith("FAILED: Job entrypoint command failed with exit code 3")
 
 
-def test_missing_token_is_a_clear_401(head_url, project, outside_config, with_token, monkeypatch, tmp_path):
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token from a local ray.init() either
-    with pytest.raises(SubmitError, match=r"requires a token \(HTTP 401\): set RAY_AUTH_TOKEN"):
-        submit_job(address=head_url, config_path=str(outside_config), overrides=[], project_root=project)
+def test_missing_token_is_a_clear_401(head_url, project, outside_config, tmp_path):
+    # A fresh process, as a user would run it: inside this test process an earlier ray.init()
+    # leaves Ray's own token loader holding a token, which would turn the 401 into a 403.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(outside_config), "--address", head_url],
+                       cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.search(r"requires a token \(HTTP 401\): set RAY_AUTH_TOKEN", r.stderr), r.stderr[-2000:]
 
 
 def test_wrong_token_is_a_clear_403(head_url, project, outside_config, with_token, monkeypatch):
