@@ -16,7 +16,9 @@ import json
 import zlib
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 import zstandard
 
@@ -129,6 +131,7 @@ class _DocBuilder:
     def __init__(self, source: SourceConfig, path: str, read_cfg: ReadConfig):
         self.src, self.path, self.max_chars = source, path, read_cfg.max_doc_chars
         self.cols = {k: [] for k in (S.ID, S.TEXT, S.PROMPT, S.RESPONSE, S.SOURCE_LINE)}
+        self.tables: list[pa.Table] = []  # accepted rows, in order: per-row lists are flushed here
         self.quarantine: list[dict] = []
         self.rows_in = 0
         self.text_bytes = 0
@@ -177,11 +180,24 @@ class _DocBuilder:
         c[S.ID].append(doc_id), c[S.TEXT].append(text), c[S.PROMPT].append(prompt)
         c[S.RESPONSE].append(response), c[S.SOURCE_LINE].append(where)
 
-    def take(self) -> Chunk:
+    def _flush(self) -> None:
         n = len(self.cols[S.ID])
-        table = pa.table({**{k: self.cols[k] for k in (S.ID, S.TEXT, S.PROMPT, S.RESPONSE)},
-                          S.SOURCE: pa.array([self.path] * n, pa.string()),
-                          S.SOURCE_LINE: self.cols[S.SOURCE_LINE]}, schema=S.DOC_SCHEMA)
+        if n:
+            self.tables.append(pa.table({**{k: self.cols[k] for k in (S.ID, S.TEXT, S.PROMPT, S.RESPONSE)},
+                                         S.SOURCE: pa.array([self.path] * n, pa.string()),
+                                         S.SOURCE_LINE: self.cols[S.SOURCE_LINE]}, schema=S.DOC_SCHEMA))
+            self.cols = {k: [] for k in self.cols}
+
+    def add_table(self, table: pa.Table, text_bytes: int) -> None:
+        """Rows validated column-wise (the JSON fast path), already in DOC_SCHEMA."""
+        self._flush()
+        self.tables.append(table)
+        self.rows_in += table.num_rows
+        self.text_bytes += text_bytes
+
+    def take(self) -> Chunk:
+        self._flush()
+        table = pa.concat_tables(self.tables) if self.tables else S.DOC_SCHEMA.empty_table()
         chunk = Chunk(table, self.quarantine, self.rows_in, self.text_bytes)
         self.__init__(self.src, self.path, ReadConfig(max_doc_chars=self.max_chars))
         return chunk
@@ -214,29 +230,47 @@ def _fast_jsonl(block: bytes, first_line: int, b: _DocBuilder) -> bool:
             t = None
     if t is None or t.num_rows != block.count(b"\n") + (0 if block.endswith(b"\n") else 1):
         return False
-    # Nulls mean a missing field (or an explicit null): those rows need the slow path's reasons.
-    values = {f: t.column(f).to_pylist() for f in t.column_names}
-    lines = None
-    for i in range(t.num_rows):
-        where = first_line + i
-        row = {f: values[f][i] for f in values}
-        if any(v is None for v in row.values()):
-            if lines is None:
-                lines = block.split(b"\n")
+    # Rows that pass every check column-wise are kept as Arrow columns; the others (null =
+    # missing field or explicit null, empty, too long, empty id) go through the per-row
+    # validation, which quarantines them with their exact reason.
+    n = t.num_rows
+    body = t.column(src.response_field if src.is_sft else fields[0])
+    size = pc.utf8_length(body)
+    if src.is_sft:
+        size = pc.add(size, pc.utf8_length(t.column(src.prompt_field)))
+    ok = pc.and_(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(body)), 0), pc.less_equal(size, b.max_chars))
+    for f in t.column_names:
+        ok = pc.and_(ok, pc.is_valid(t.column(f)))
+    line_no = pa.array(np.arange(first_line, first_line + n, dtype=np.int64))
+    if src.id_field:
+        ids = t.column(src.id_field).cast(pa.string())
+        ok = pc.and_(ok, pc.greater(pc.utf8_length(ids), 0))
+    else:
+        ids = pc.binary_join_element_wise(b.path, pc.cast(line_no, pa.string()), ":")
+    ok = pc.fill_null(ok, False)
+    bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
+    if len(bad) == 0 or len(bad) < n:
+        keep = ok if len(bad) else None
+        cols = {S.ID: ids, S.TEXT: None if src.is_sft else body,
+                S.PROMPT: t.column(src.prompt_field) if src.is_sft else None,
+                S.RESPONSE: t.column(src.response_field) if src.is_sft else None}
+        table = pa.table({k: v if v is not None else pa.nulls(n, pa.string()) for k, v in cols.items()}
+                         | {S.SOURCE: pa.array([b.path] * n, pa.string()), S.SOURCE_LINE: line_no}, schema=S.DOC_SCHEMA)
+        if keep is not None:
+            table = table.filter(keep)
+        kept_size = pc.sum(size.filter(keep) if keep is not None else size).as_py() or 0
+    if len(bad):
+        lines = block.split(b"\n")
+        probe = _DocBuilder(src, b.path, ReadConfig(max_doc_chars=b.max_chars))
+        for i in bad.tolist():
             raw = lines[i].decode("utf-8")
-            b.add_object(json.loads(raw), where, raw)
-            continue
-        doc_id = str(row[src.id_field]) if src.id_field else f"{b.path}:{where}"
-        if src.is_sft:
-            b.add(doc_id, None, row[src.prompt_field], row[src.response_field], where, None)
-        else:
-            b.add(doc_id, row[fields[0]], None, None, where, None)
-    # Rejected rows from the fast path carry no raw text yet: attach it.
-    missing_raw = [q for q in b.quarantine if "raw" not in q and q.get("line", -1) >= first_line]
-    if missing_raw:
-        lines = lines or block.split(b"\n")
-        for q in missing_raw:
-            q["raw"] = lines[q["line"] - first_line].decode("utf-8")
+            probe.add_object(json.loads(raw), first_line + i, raw)
+        if probe.cols[S.ID]:  # the per-row checks kept a row the column checks did not: per-row for all
+            return False
+        b.quarantine.extend(probe.quarantine)
+        b.rows_in += probe.rows_in
+    if len(bad) < n:  # rejected rows only go to quarantine, so the kept ones stay in line order
+        b.add_table(table, int(kept_size))
     return True
 
 

@@ -127,3 +127,38 @@ def test_parquet_text_and_hf_datasets(tmp_path):
     src = SourceConfig(path="hf:json", hf_kwargs={"data_files": str(tmp_path / "j.jsonl"), "split": "train"})
     docs, _, _ = read_all(src, "hf:json")
     assert docs.column(S.TEXT).to_pylist() == ["via load_dataset"]
+
+
+def test_fast_path_with_bad_rows_keeps_order_and_exact_reasons(tmp_path):
+    rows = []
+    for i in range(200):
+        if i % 50 == 7:
+            rows.append('{"id": %d}' % i)                       # missing text
+        elif i % 50 == 8:
+            rows.append('{"id": %d, "text": "   "}' % i)        # empty
+        elif i % 50 == 9:
+            rows.append('{"id": %d, "text": "%s"}' % (i, "y" * 500))  # too long
+        elif i % 50 == 10:
+            rows.append('{"id": %d, "text": null}' % i)         # explicit null
+        else:
+            rows.append('{"id": %d, "text": "doc %d"}' % (i, i))
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    docs, quarantine, rows_in = read_all(SourceConfig(path=str(path), id_field="id"), path, max_doc_chars=100)
+    kept = [i for i in range(200) if i % 50 not in (7, 8, 9, 10)]
+    assert docs.column(S.ID).to_pylist() == [str(i) for i in kept]
+    assert docs.column(S.SOURCE_LINE).to_pylist() == [i + 1 for i in kept]
+    reasons = {q["line"]: q["reason"] for q in quarantine}
+    assert reasons[8] == "missing field 'text'" and reasons[9] == "empty text"
+    assert reasons[10].startswith("document too long") and reasons[11] == "field 'text' has type null, expected string"
+    assert all("raw" in q for q in quarantine) and rows_in == 200
+
+
+def test_fast_path_sft_rows_and_generated_ids(tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"q": f"question {i}", "a": f"answer {i}" if i != 3 else ""}) + "\n"
+                            for i in range(10)))
+    docs, quarantine, _ = read_all(SourceConfig(path=str(path), prompt_field="q", response_field="a"), path)
+    assert docs.column(S.ID).to_pylist() == [f"{path}:{i + 1}" for i in range(10) if i != 3]
+    assert docs.column(S.TEXT).null_count == docs.num_rows and docs.column(S.PROMPT).to_pylist()[0] == "question 0"
+    assert [q["reason"] for q in quarantine] == ["empty response"]
