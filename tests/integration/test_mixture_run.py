@@ -82,6 +82,20 @@ def test_search_schedule_math_weight_realised_and_resume(local_ray, corpus, tmp_
     assert 0 < manifest["mixture"]["effective_budget_tokens"] < manifest["mixture"]["budget_tokens"] == 10_000_000_000
     assert repeated > 0  # the budget exceeds the math domain's tokens: copies named <id>#<copy>
 
+    # the multiple-choice alternative scores a proxy by log-likelihood on the same prepared data
+    from pipeline.mixture import proxy_trial_item
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"question": "Natalia sold clips to 48 of her friends in April, and then",
+                                      "choices": ["she sold half as many clips in May.", "zebra quantum violin"],
+                                      "answer": 0}) + "\n" for _ in range(3)))
+    data = config(corpus, a).model_dump()
+    data["mixture"].update(target=None, task=str(mc))
+    from pipeline.config import Config
+    res = proxy_trial_item(Config.model_validate(data), str(a), {
+        "name": "mc", "round": 9, "index": 0, "seed": 0, "vocab_size": len(np.load(a / "mixture" / "data" / "vocab.npy")) + 1,
+        "weights": result["weights"]})
+    assert 0.0 <= res["score"] <= 1.0
+
     # a search killed in round 3 resumes from its finished trials to the same result and bytes
     b = tmp_path / "b"
     run(config(corpus, b))
