@@ -1,5 +1,12 @@
 """read -> tokenize -> pack -> write throughput against the raw tokenizer ceiling.
 
+Last run (2 cores): cl100k 14.7 vs 25.9 MB/s (0.57 end to end, 0.69 marginal), HF
+BPE-32k 4.39 vs 5.75 (0.76 / 0.79); peak RSS flat (0.99x) from 162 to 324 MB of input.
+Where the rest goes, per 8 MiB part with warm caches (cProfile): the encoder is 79% of
+the task; list->array conversion, packing and the zstd write are the other 21%; the
+read stage (JSON parse, parts written) adds ~15% on top. The ceiling excludes reading
+and writing entirely, so 0.95 needs the read fused into tokenization (no read parts).
+
     .venv/bin/python benchmarks/bench_tokenize_pack.py [--fraction 1.0] [--tokenizers cl100k,hf-bpe]
 
 Input: the plain-text files of ../shared/data (`text` field), as .jsonl.zst.
