@@ -141,6 +141,9 @@ def check_chain(config: Config) -> list[str]:
         chain.append(("cluster", (S.EMBEDDING,), (S.CLUSTER_ID, S.DOMAIN_ID)))
     if config.tokenize:
         chain.append(("tokenize", Tokenize.reads, Tokenize.adds))
+    if config.mixture:
+        chain.append(("mixture", (S.DOMAIN_ID, S.INPUT_IDS, S.NUM_TOKENS), ()))
+        chain.append(("mix", (S.ID, S.DOMAIN_ID), ()))
     if config.selected_tokenizer:
         from operators.score import TokenScorer
         chain.append(("select", TokenScorer.reads, TokenScorer.adds))
