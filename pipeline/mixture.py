@@ -50,16 +50,19 @@ def mixture_data_item(config: Config, run_dir: str, item: dict) -> dict:
     from operators.mixture import token_prior
     layout, m = RunLayout(run_dir), config.mixture
     t, name = search_tokenizer(config)
-    domains, tokens, streams = [], [], {}
+    domains, tokens, streams, kept = [], [], {}, {}
     for part in item["parts"]:
         docs = sink.read_table(layout.part(f"tokenize/{name}", part))
-        dom = docs.column(S.DOMAIN_ID).to_numpy(zero_copy_only=False)
-        domains.append(dom.astype(np.int64))
+        dom = docs.column(S.DOMAIN_ID).to_numpy(zero_copy_only=False).astype(np.int64)
+        domains.append(dom)
         tokens.append(docs.column(S.NUM_TOKENS).to_numpy())
-        for d, ids in zip(dom.tolist(), docs.column(S.INPUT_IDS).to_pylist()):
-            have = streams.setdefault(int(d), [])
-            if sum(map(len, have)) < m.domain_tokens:
-                have.append(np.asarray(ids, np.int32))
+        flat = docs.column(S.INPUT_IDS).combine_chunks()
+        offsets = flat.offsets.to_numpy()
+        values = flat.values.to_numpy()
+        for i, d in enumerate(dom.tolist()):  # documents in corpus order until a domain has enough
+            if kept.get(d, 0) < m.domain_tokens:
+                streams.setdefault(d, []).append(values[offsets[i]:offsets[i + 1]].copy())  # no view: parts are freed
+                kept[d] = kept.get(d, 0) + int(offsets[i + 1] - offsets[i])
     domains_N, tokens_N = np.concatenate(domains), np.concatenate(tokens)
     streams = {d: np.concatenate(chunks)[:m.domain_tokens] for d, chunks in streams.items()}
     target = _target_rows(config, t) if m.target is not None else None
