@@ -166,14 +166,6 @@ def remove_stale_temporaries(root: str) -> int:
     return len(stale)
 
 
-def remove_tree(path: str) -> None:
-    fs, p = resolve(path)
-    if fs.get_file_info(p).type == pafs.FileType.Directory:
-        fs.delete_dir(p)
-    elif fs.get_file_info(p).type == pafs.FileType.File:
-        fs.delete_file(p)
-
-
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open_input(path) as f:

@@ -17,12 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import secrets
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -34,11 +30,11 @@ from pipeline.inspect import inspect_run, reassemble, verify_shards  # noqa: E40
 from pipeline.sink import read_manifest  # noqa: E402
 from pipeline.submit import submit_job  # noqa: E402
 from tests.conftest import shared_rows  # noqa: E402
+from tests.integration.local_cluster import local_cluster  # noqa: E402
 from tests.integration.s3_server import TEST_CREDENTIALS, s3_server  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]  # a hung job fails the test, fixtures still stop
 
-REPO = Path(__file__).resolve().parents[2]
 BUCKET = "tokenmill-job"
 RUN = f"s3://{BUCKET}/runs/r1"
 SHARDS = f"{RUN}/shards/cl100k"
@@ -73,25 +69,12 @@ def s3():
 @pytest.fixture(scope="module")
 def cluster():
     """Dashboard URL of a token-authenticated head + 1 worker node, started with no AWS_* in its environment."""
-    state_dir = tempfile.mkdtemp(prefix="tm-s3job-", dir="/tmp")  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
-    ray_bin = Path(sys.executable).with_name("ray")
-    if ray_bin.exists():
-        env["RAY_BIN"] = str(ray_bin)
-    try:
-        started = subprocess.run(["bash", REPO / "infra/start-local-cluster.sh", "--dir", state_dir, "--workers", "1"],
-                                 env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, f"start-local-cluster.sh failed:\n{started.stdout}\n{started.stderr}"
-        state = dict(line.split("=", 1) for line in Path(state_dir, "cluster.env").read_text().splitlines())
+    with local_cluster(TOKEN, workers=1, drop_env=("RAY_", "AWS_")) as (state, state_dir):
         raylets = [p for p in psutil.process_iter(["name", "cmdline"])
                    if p.info["name"] == "raylet" and state_dir in " ".join(p.info["cmdline"] or [])]
         assert len(raylets) == 2, "expected a head and a worker raylet"
         assert not [k for p in raylets for k in p.environ() if k.startswith("AWS_")], "the nodes must not see AWS_*"
         yield state["DASHBOARD_URL"]
-    finally:
-        subprocess.run(["bash", REPO / "infra/stop-local-cluster.sh", "--dir", state_dir, "--clean"],
-                       env=env, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,15 @@ import re
 import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.submit import SubmitError, add_submit_arguments, submit_job
+from tests.integration.local_cluster import local_cluster
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 TOKEN = secrets.token_hex(16)
 FAKE_RUN = '''\
 import pathlib, sys
@@ -35,21 +34,8 @@ sys.exit(3 if "fail=1" in sys.argv else 0)
 @pytest.fixture(scope="module")
 def head_url():
     """Dashboard URL of a token-authenticated head (no worker node) on free ports."""
-    state_dir = tempfile.mkdtemp(prefix="tm-ray-", dir="/tmp")  # short: Ray's socket paths
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
-    ray_bin = Path(sys.executable).with_name("ray")  # the ray of the environment under test
-    if ray_bin.exists():
-        env["RAY_BIN"] = str(ray_bin)
-    try:
-        started = subprocess.run(["bash", REPO / "infra/start-local-cluster.sh", "--dir", state_dir, "--workers", "0"],
-                                 env=env, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, f"start-local-cluster.sh failed:\n{started.stdout}\n{started.stderr}"
-        state = dict(line.split("=", 1) for line in Path(state_dir, "cluster.env").read_text().splitlines())
+    with local_cluster(TOKEN, workers=0, timeout=120) as (state, _):
         yield state["DASHBOARD_URL"]
-    finally:
-        subprocess.run(["bash", REPO / "infra/stop-local-cluster.sh", "--dir", state_dir, "--clean"],
-                       env=env, capture_output=True, timeout=60)
 
 
 @pytest.fixture
