@@ -8,13 +8,15 @@ then compare normalized mutual information with the gold labels of
   n_init=10 restarts); also printed: k-means with one k-means++ start (n_init=1, the
   library default and what the pipeline's own k-means does), and
 * the pipeline: fit_clusters with k_init clusters and merge {num_domains: number of
-  labels}, for several k_init values, no pruning unless --prune is given. k_init 0
-  means "= number of labels": the Ward merge then has nothing to merge, so that column
-  is k-means with n_init=1 through the pipeline's code path (a reference point).
+  labels}, for several k_init values, no pruning unless --prune is given, twice: "ward"
+  (merge.refine false: each domain is a union of k_init clusters, as in the paper) and
+  "refined" (the default: the Ward merges seed Lloyd iterations over the documents,
+  merge.restarts of them, lowest within-domain SSE kept).
 
 With --prune MIN, clusters whose mean heuristic quality is below MIN are pruned and their
 documents are EXCLUDED from the pipeline's NMI (coverage is printed); the ceiling is
-always computed on every document. Each figure is the mean over --seeds seeds.
+always computed on every document. Each figure is the mean over --seeds seeds (the seed
+of every k-means, subset and restart), +- its standard error.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_cluster_quality.py
 """
@@ -80,21 +82,29 @@ def embeddings(name: str, ids: list[str], texts: list[str], model: str | None, m
     return x
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values) / np.sqrt(len(values)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None, help="docs per file (default: 3000, 2000 for 20NG)")
-    parser.add_argument("--k-init", type=int, nargs="+", default=[0, 50, 100, 200],
-                        help="k-means clusters before the merge; 0 = number of labels")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--k-init", type=int, nargs="+", default=[50, 200, 1000],
+                        help="k-means clusters before the merge (clamped to the number of documents)")
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--prune", type=float, default=None, help="min_quality; off by default")
     parser.add_argument("--model", default=None)
     parser.add_argument("--max-seq-length", type=int, default=256)
     args = parser.parse_args()
     seeds = range(args.seeds)
+    variants = [(k, refine) for k in args.k_init for refine in (False, True)]
 
-    header = f"{'dataset':<28} {'N':>5} {'labels':>6} {'km(10)':>7} {'km(1)':>7} " + " ".join(
-        f"{'k_init=' + (str(k) if k else 'L'):>10} {'ratio':>6}" for k in args.k_init)
-    lines, ratios = [], {k: [] for k in args.k_init}
+    def label(k: int, refine: bool) -> str:
+        return f"{'refined' if refine else 'ward'}@{k}"
+
+    header = (f"{'dataset':<22} {'N':>5} {'L':>3} {'km(10)':>13} {'km(1)':>6} "
+              + " ".join(f"{label(k, r):>13} {'ratio':>5}" for k, r in variants))
+    lines, ratios = [], {v: [] for v in variants}
     for name, default_n in DATASETS.items():
         ids, texts, labels = load_sample(name, args.n or default_n, seed=0)
         x = embeddings(name, ids, texts, args.model, args.max_seq_length)
@@ -102,34 +112,36 @@ def main() -> None:
         num_labels = int(gold.max()) + 1
         quality = heuristic_scores(texts) if args.prune is not None else None
 
-        ceiling, single_start = (np.mean([normalized_mutual_info_score(
+        (ceiling, ceiling_se), (single_start, _) = (mean_se([normalized_mutual_info_score(
             gold, kmeans_assign(x, kmeans_fit(x, num_labels, seed=s, n_init=n_init))) for s in seeds])
             for n_init in (10, 1))
-        row = f"{name.split('.')[0]:<28} {len(x):>5} {num_labels:>6} {ceiling:>7.3f} {single_start:>7.3f} "
-        for k in args.k_init:
+        row = (f"{name.split('.')[0][:22]:<22} {len(x):>5} {num_labels:>3} {ceiling:>6.3f}+-{ceiling_se:.3f} "
+               f"{single_start:>6.3f} ")
+        for k, refine in variants:
             scores, coverage = [], []
             for s in seeds:
-                config = ClusterConfig(k_init=k or num_labels, sample_size=len(x), seed=s,
+                config = ClusterConfig(k_init=min(k, len(x)), sample_size=len(x), seed=s,
                                        prune=None if args.prune is None else PruneConfig(min_quality=args.prune),
-                                       merge=MergeConfig(num_domains=num_labels))
+                                       merge=MergeConfig(num_domains=num_labels, refine=refine))
                 _, domain = assign_domains(x, fit_clusters(x, config, quality_N=quality))
                 kept = domain != PRUNED  # pruned documents are excluded from the NMI
                 scores.append(normalized_mutual_info_score(gold[kept], domain[kept]))
                 coverage.append(kept.mean())
-            nmi = float(np.mean(scores))
-            ratios[k].append(nmi / ceiling)
-            row += f"{nmi:>10.3f} {nmi / ceiling:>6.3f}"
+            nmi, se = mean_se(scores)
+            ratios[(k, refine)].append(nmi / ceiling)
+            row += f" {nmi:>6.3f}+-{se:.3f} {nmi / ceiling:>5.3f}"
             if args.prune is not None:
                 row += f" (kept {np.mean(coverage):.0%})"
         lines.append(row)
         print(row, flush=True)
 
-    print(f"\nNMI vs gold labels, mean of {args.seeds} seeds; km(10)/km(1): plain k-means, k = labels, "
-          "best of 10 / 1 start(s); ratio = pipeline / km(10), the ceiling"
+    print(f"\nNMI vs gold labels, mean +- standard error over {args.seeds} seeds; km(10)/km(1): plain k-means, "
+          "k = labels, best of 10 / 1 start(s); ward@K: k_init=K, Ward cut, no refinement; refined@K: the "
+          "default merge (refine, 10 restarts); ratio = pipeline / km(10), the ceiling"
           + ("" if args.prune is None else f"; pruning at min_quality {args.prune}, pruned docs excluded"))
     print(header)
     print("\n".join(lines))
-    print(f"{'mean ratio':<58}" + " ".join(f"{'':>10} {np.mean(ratios[k]):>6.3f}" for k in args.k_init))
+    print(f"{'mean ratio':<57}" + " ".join(f"{'':>13} {np.mean(ratios[v]):>5.3f}" for v in variants))
 
 
 if __name__ == "__main__":

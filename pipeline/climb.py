@@ -1,7 +1,8 @@
 """CLIMB preprocessing stages: embed (actor pool), cluster fit (one task), assign (tasks).
 
     embed/                parts/<part>.arrow  (id, embedding[, quality]); kept so re-clustering never re-embeds
-    cluster/fit/          centroids.npy, cluster_fit.json  (k-means on a sample, prune, Ward merge)
+    cluster/fit/          centroids.npy, cluster_fit.json[, domain_centroids.npy]
+                          (k-means on a sample, prune, Ward merge, refinement of the merged domains)
     cluster/assignments/  <part>.parquet  (id, cluster_id, domain_id; null domain = pruned cluster)
     cluster/clusters.json per-cluster and per-domain sizes, token counts, top TF-IDF terms, examples
 
@@ -93,8 +94,8 @@ def cluster_fit_item(config: Config, run_dir: str, item: dict) -> dict:
             qs.append(t.column(S.QUALITY).to_numpy())
     fit = fit_clusters(np.concatenate(xs), cluster_config(config), quality_N=np.concatenate(qs) if qs else None)
     with tempfile.TemporaryDirectory() as tmp:
-        fit.save(tmp)
-        for name in ("centroids.npy", "cluster_fit.json"):
+        names = fit.save(tmp)  # cluster_fit.json last: load_fit reads it to know the others
+        for name in names:
             with open(os.path.join(tmp, name), "rb") as f:
                 storage.write_atomic(layout.path("cluster", "fit", name), f.read())
     n = sum(len(v) for v in rows.values())
@@ -109,8 +110,9 @@ _FITS: dict[str, object] = {}
 
 def load_fit(layout: RunLayout):
     from operators.cluster import ClusterFit
-    files = {name: storage.read_bytes(layout.path("cluster", "fit", name)) for name in ("centroids.npy", "cluster_fit.json")}
-    key = hashlib.sha256(files["centroids.npy"] + files["cluster_fit.json"]).hexdigest()  # a re-fit is a new fit
+    meta = storage.read_bytes(layout.path("cluster", "fit", "cluster_fit.json"))
+    files = {name: storage.read_bytes(layout.path("cluster", "fit", name)) for name in ClusterFit.files(json.loads(meta))}
+    key = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()  # a re-fit is a new fit
     if key not in _FITS:
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in files.items():
@@ -140,10 +142,14 @@ def cluster_assign_item(config: Config, run_dir: str, item: dict) -> dict:
     docs = sink.read_table(layout.part("read", item["name"]))
     texts = pa.compute.coalesce(docs.column(S.TEXT), pa.compute.binary_join_element_wise(
         docs.column(S.PROMPT), docs.column(S.RESPONSE), "\n\n"))
-    num_docs_K, num_words_K = cluster_counts(out.column(S.CLUSTER_ID).to_numpy(), whitespace_word_counts(texts),
-                                             fit.num_clusters)
+    words_N = whitespace_word_counts(texts)
+    num_docs_K, num_words_K = cluster_counts(out.column(S.CLUSTER_ID).to_numpy(), words_N, fit.num_clusters)
+    domain_N = out.column(S.DOMAIN_ID).to_numpy(zero_copy_only=False)  # float, NaN = pruned
+    kept = ~np.isnan(domain_N)
+    num_docs_D, num_words_D = cluster_counts(domain_N[kept].astype(np.int64), words_N[kept], fit.num_domains)
     result = {"item": item["name"], "rows_in": emb.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
-              "rows_quarantined": 0, "num_docs": num_docs_K.tolist(), "num_words": num_words_K.tolist()}
+              "rows_quarantined": 0, "num_docs": num_docs_K.tolist(), "num_words": num_words_K.tolist(),
+              "num_docs_domain": num_docs_D.tolist(), "num_words_domain": num_words_D.tolist()}
     write_marker(layout.done_marker("cluster/assign", item["name"]), result)
     return result
 
@@ -159,18 +165,21 @@ def write_cluster_report(config: Config, layout: RunLayout, parts: list[dict], a
     """clusters.json from the corpus-wide counts and a sample of documents read back."""
     from operators.cluster_report import build_cluster_report
     fit = load_fit(layout)
-    num_docs_K = np.sum([r["num_docs"] for r in assign_results], axis=0)
-    num_words_K = np.sum([r["num_words"] for r in assign_results], axis=0)
-    ids, texts, cids = [], [], []
+    num_docs_K, num_words_K, num_docs_D, num_words_D = (np.sum([r[key] for r in assign_results], axis=0) for key in
+                                                        ("num_docs", "num_words", "num_docs_domain", "num_words_domain"))
+    ids, texts, cids, dids = [], [], [], []
     for name, idx in _sample_rows(parts, config.cluster.report_sample, config.cluster.seed + 1).items():
         docs = sink.read_table(layout.part("read", name)).take(pa.array(idx))
         ids += docs.column(S.ID).to_pylist()
         texts += [t if t is not None else f"{p}\n\n{r}" for t, p, r in zip(
             docs.column(S.TEXT).to_pylist(), docs.column(S.PROMPT).to_pylist(), docs.column(S.RESPONSE).to_pylist())]
-        cids.append(domain_columns(layout, name)[S.CLUSTER_ID].to_numpy()[idx])
-    report = build_cluster_report(fit, num_docs_K=num_docs_K, num_tokens_K=num_words_K, token_unit="whitespace_words",
-                                  sample_cluster_ids_S=np.concatenate(cids), sample_ids_S=ids, sample_texts_S=texts,
-                                  seed=config.cluster.seed)
+        columns = domain_columns(layout, name)
+        cids.append(columns[S.CLUSTER_ID].to_numpy()[idx])
+        dids.append(columns[S.DOMAIN_ID].fill_null(-1).to_numpy()[idx])
+    report = build_cluster_report(fit, num_docs_K=num_docs_K, num_tokens_K=num_words_K, num_docs_D=num_docs_D,
+                                  num_tokens_D=num_words_D, token_unit="whitespace_words",
+                                  sample_cluster_ids_S=np.concatenate(cids), sample_domain_ids_S=np.concatenate(dids),
+                                  sample_ids_S=ids, sample_texts_S=texts, seed=config.cluster.seed)
     storage.write_text_atomic(layout.path("cluster", "clusters.json"), json.dumps(report, indent=1) + "\n")
     return report
 

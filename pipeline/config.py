@@ -135,6 +135,8 @@ class PruneSection(_Strict):
 class MergeSection(_Strict):
     num_domains: int | None = Field(None, ge=1)
     distance: float | None = Field(None, gt=0)
+    refine: bool = True               # Lloyd refinement of the merged domains (operators/climb_config.py)
+    restarts: int = Field(10, ge=1)   # refined Ward merges; the lowest within-domain SSE wins
 
     @model_validator(mode="after")
     def _one(self):

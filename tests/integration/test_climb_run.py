@@ -56,8 +56,13 @@ def test_embed_cluster_assign_and_domains_in_shards(local_ray, corpus, tmp_path)
     assign = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "cluster" / "assignments").glob("*.parquet"))])
     assert assign.num_rows == n_docs and set(assign.column_names) == {S.ID, S.CLUSTER_ID, S.DOMAIN_ID}
     domain_of = fit["domain_of_cluster"]
-    for c, d in zip(assign.column(S.CLUSTER_ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist()):
-        assert d == domain_of[c]  # pruned cluster <=> null domain
+    assert fit["refined"] and fit["merge"] == {"num_domains": 3, "refine": True, "restarts": 10}
+    ids_in_order = [i for e in embeds for i in e.column(S.ID).to_pylist()]
+    assert assign.column(S.ID).to_pylist() == ids_in_order
+    nearest = np.argmin(((x[:, None, :] - np.load(tmp_path / "cluster" / "fit" / "domain_centroids.npy")) ** 2).sum(-1), 1)
+    for c, d, near in zip(assign.column(S.CLUSTER_ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist(), nearest):
+        assert (d is None) == (domain_of[c] is None)  # pruned cluster <=> null domain
+        assert d is None or d == near  # otherwise the nearest refined domain centroid
     pruned_ids = {i for i, d in zip(assign.column(S.ID).to_pylist(), assign.column(S.DOMAIN_ID).to_pylist()) if d is None}
     assert {f"junk{i}" for i in range(12)} <= pruned_ids, "junk rows must land in pruned clusters"
 
@@ -82,9 +87,16 @@ def test_embed_cluster_assign_and_domains_in_shards(local_ray, corpus, tmp_path)
         subprocess.run(["rm", "-rf", str(tmp_path / sub)], check=True)
     (tmp_path / "config.sha256").unlink()
     embed_marker = (tmp_path / "embed" / "_SUCCESS.json").stat().st_mtime_ns
-    run(climb_config(corpus, tmp_path, cluster={"k_init": 8, "sample_size": 150, "merge": {"num_domains": 2}}))
+    run(climb_config(corpus, tmp_path, cluster={"k_init": 8, "sample_size": 150,
+                                                "merge": {"num_domains": 2, "refine": False}}))
     assert (tmp_path / "embed" / "_SUCCESS.json").stat().st_mtime_ns == embed_marker
     assert json.loads((tmp_path / "cluster" / "clusters.json").read_text())["num_domains"] == 2
+    # without refinement every domain is a union of clusters, exactly the fit's map
+    domain_of = json.loads((tmp_path / "cluster" / "fit" / "cluster_fit.json").read_text())["domain_of_cluster"]
+    assert not (tmp_path / "cluster" / "fit" / "domain_centroids.npy").exists()
+    for p in (tmp_path / "cluster" / "assignments").glob("*.parquet"):
+        t = pq.read_table(p)
+        assert t.column(S.DOMAIN_ID).to_pylist() == [domain_of[c] for c in t.column(S.CLUSTER_ID).to_pylist()]
 
 
 @pytest.mark.e2e

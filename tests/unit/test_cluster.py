@@ -10,7 +10,7 @@ import pytest
 
 from operators import schema
 from operators.climb_config import ClusterConfig, EmbedConfig, MergeConfig, PruneConfig
-from operators.cluster import (PRUNED, ClusterAssigner, ClusterFit, fit_clusters, kmeans_assign,
+from operators.cluster import (PRUNED, ClusterAssigner, ClusterFit, assign_domains, fit_clusters, kmeans_assign,
                                kmeans_fit, merge_ward)
 from operators.cluster_report import build_cluster_report, cluster_counts, whitespace_word_counts
 from operators.quality import HEURISTIC_SIGNALS, ClassifierScorer, QualityScorer, heuristic_features
@@ -106,6 +106,56 @@ def test_pruned_clusters_get_null_domain(tmp_path):
     np.testing.assert_allclose(loaded.quality_mean_K, fit.quality_mean_K, atol=1e-4)
 
 
+def overlapping_clouds(per_cloud: int = 400, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two Gaussian clouds one standard deviation apart on each side: fine clusters straddle them."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], per_cloud)
+    x = rng.normal(size=(2 * per_cloud, dim))
+    x[:, 0] += np.where(labels == 0, -1.0, 1.0)
+    return x.astype(np.float32), labels
+
+
+def partition_sse(x: np.ndarray, groups: np.ndarray) -> float:
+    return float(sum(((x[groups == g] - x[groups == g].mean(axis=0)) ** 2).sum() for g in np.unique(groups)))
+
+
+def test_refinement_never_raises_the_within_domain_sse_and_moves_through_clusters():
+    x, labels = overlapping_clouds()
+    fits = {refine: fit_clusters(x, ClusterConfig(k_init=40, sample_size=len(x), seed=3,
+                                                  merge=MergeConfig(num_domains=2, refine=refine)))
+            for refine in (False, True)}
+    (clusters, unions), (clusters_r, refined) = assign_domains(x, fits[False]), assign_domains(x, fits[True])
+    np.testing.assert_array_equal(clusters, clusters_r)  # same k-means, only the domains differ
+    assert fits[False].domain_centroids is None and fits[True].domain_centroids.shape == (2, 8)
+    # Without refinement a domain is a union of clusters; with it, some cluster is split.
+    assert all(len(set(unions[clusters == c])) == 1 for c in np.unique(clusters))
+    assert any(len(set(refined[clusters == c])) == 2 for c in np.unique(clusters))
+    assert partition_sse(x, refined) <= partition_sse(x, unions) + 1e-3
+    agreement = {name: max((d == labels).mean(), (d != labels).mean()) for name, d in
+                 (("unions", unions), ("refined", refined))}
+    assert agreement["refined"] >= agreement["unions"], agreement
+    assert fits[True].merge == {"num_domains": 2, "refine": True, "restarts": 10}
+
+
+def test_refined_fit_round_trips_and_keeps_pruned_documents_out(tmp_path):
+    x, labels = blobs(6, 40)
+    config = ClusterConfig(k_init=12, sample_size=1000, prune=PruneConfig(min_quality=3.0),
+                           merge=MergeConfig(distance=0.5, restarts=3))
+    fit = fit_clusters(x, config, quality_N=np.where(labels < 2, 1.0, 4.5))
+    assert sorted(fit.save(tmp_path)) == ["centroids.npy", "cluster_fit.json", "domain_centroids.npy"]
+    loaded = ClusterFit.load(tmp_path)
+    np.testing.assert_array_equal(loaded.domain_centroids, fit.domain_centroids)
+    cluster_ids, domain_ids = assign_domains(x, loaded)
+    np.testing.assert_array_equal(domain_ids == PRUNED, labels < 2)
+    nearest = kmeans_assign(x, fit.domain_centroids)
+    np.testing.assert_array_equal(domain_ids[labels >= 2], nearest[labels >= 2])
+    assert set(fit.domain_of_cluster_K[fit.domain_of_cluster_K != PRUNED]) <= set(range(fit.num_domains))
+    assert (assign_domains(x[labels < 2], loaded)[1] == PRUNED).all()  # a batch with only pruned rows
+    (tmp_path / "domain_centroids.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="domain_centroids.npy"):
+        ClusterFit.load(tmp_path)
+
+
 def test_pruning_everything_is_a_clear_error():
     x, _ = blobs(3, 20)
     config = ClusterConfig(k_init=3, sample_size=100, prune=PruneConfig(min_quality=4.0))
@@ -158,13 +208,16 @@ def test_report_counts_balance(prose):
     config = ClusterConfig(k_init=8, sample_size=100, prune=PruneConfig(min_quality=3.0),
                            merge=MergeConfig(num_domains=2))
     fit = fit_clusters(x, config, quality_N=np.where(labels == 0, 1.0, 5.0))
-    ids = kmeans_assign(x, fit.centroids_KD)
+    ids, domains = assign_domains(x, fit)
     words = whitespace_word_counts(pa.array(prose))
     # Counts are additive: summing two halves equals counting everything at once.
     halves = [cluster_counts(ids[s], words[s], fit.num_clusters) for s in (slice(0, 17), slice(17, None))]
     num_docs_K, num_tokens_K = halves[0][0] + halves[1][0], halves[0][1] + halves[1][1]
-    args = dict(num_docs_K=num_docs_K, num_tokens_K=num_tokens_K, token_unit="whitespace_words",
-                sample_cluster_ids_S=ids, sample_ids_S=[f"d{i}" for i in range(40)], sample_texts_S=prose)
+    kept = domains != PRUNED
+    num_docs_D, num_tokens_D = cluster_counts(domains[kept], words[kept], fit.num_domains)
+    args = dict(num_docs_K=num_docs_K, num_tokens_K=num_tokens_K, num_docs_D=num_docs_D, num_tokens_D=num_tokens_D,
+                token_unit="whitespace_words", sample_cluster_ids_S=ids, sample_domain_ids_S=domains,
+                sample_ids_S=[f"d{i}" for i in range(40)], sample_texts_S=prose)
     report = build_cluster_report(fit, **args)
 
     assert sum(c["num_docs"] for c in report["clusters"]) == report["num_docs"] == 40
@@ -197,6 +250,8 @@ def test_config_from_dict_matches_the_yaml():
     ({"merge": {}}, "exactly one of num_domains or distance"),
     ({"k_init": 100, "sample_size": 10}, "sample_size"),
     ({"k_init": True}, r"cluster\.k_init"),
+    ({"merge": {"num_domains": 2, "refine": "yes"}}, r"cluster\.merge\.refine"),
+    ({"merge": {"num_domains": 2, "restarts": 0}}, r"cluster\.merge\.restarts"),
     ({"prune": {"min_quality": 7}}, r"cluster\.prune\.min_quality"),
 ])
 def test_cluster_config_rejects(data, message):
