@@ -12,6 +12,7 @@ hidden * T/2 per token for causal attention.
 
     python benchmarks/bench_score.py                      # CPU, small models, ~1 min
     python benchmarks/bench_score.py --model-size base    # ~130M-param Llama pair, for a GPU
+    python benchmarks/bench_score.py --model-size 1b      # ~0.9B-param pair
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from operators import schema  # noqa: E402
 from operators.score import TokenScorer, length_batches  # noqa: E402
 
 # name: (hidden, layers, heads, kv_heads, vocab)
-SIZES = {"tiny": (64, 2, 2, 2, 512), "small": (256, 4, 4, 4, 8192), "base": (768, 12, 12, 12, 32000)}
+SIZES = {"tiny": (64, 2, 2, 2, 512), "small": (256, 4, 4, 4, 8192), "base": (768, 12, 12, 12, 32000),
+         "1b": (2048, 16, 16, 16, 32000)}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
