@@ -203,7 +203,8 @@ class SelectWorker:
                     windows, n_win = split_long_documents(sub, self.scorer.max_len or (1 << 31))
                     pieces.append(join_windows(sub, self.scorer(windows), n_win))
         self.scorer.config = base
-        out = pa.concat_tables(pieces) if pieces else docs
+        # An empty part (every document pruned or filtered upstream) still gets the columns.
+        out = pa.concat_tables(pieces) if pieces else self.scorer(docs)
         sink.write_table(layout.part(f"select/{name}", item["name"]), out, compression=INTERMEDIATE_COMPRESSION,
                          rows_per_batch=1 << 16)
         target = int(pa.compute.sum(pa.compute.list_flatten(out.column(S.TARGET_MASK))).as_py() or 0)

@@ -73,6 +73,17 @@ def test_sstoken_config_as_written(local_ray, tmp_path, sft_file, checkpoints):
     select = {"method": "sstoken", "current_model": str(checkpoints["step-2000"]),
               "history_model": str(checkpoints["base"]), "gamma": 0.5, "ratio": 0.6}
     run(config(tmp_path, path, checkpoints, select))
+
+    # A part with no documents left (all pruned upstream) is scored to an empty table with the columns.
+    from pipeline.sink import read_table, write_table
+    from pipeline.stages import RunLayout, SelectWorker
+    layout = RunLayout(str(tmp_path))
+    part = read_table(layout.part("tokenize/m", sorted((tmp_path / "tokenize" / "m" / "parts").glob("*.arrow"))[0].stem))
+    write_table(layout.part("tokenize/m", "empty"), part.slice(0, 0), compression=None)
+    worker = SelectWorker(config=config(tmp_path, path, checkpoints, select), run_dir=str(tmp_path))
+    result = worker({"tokenizer_name": "m", "name": "empty", "first_doc": 0})
+    assert result["rows_in"] == result["rows_out"] == result["loss_tokens"] == 0
+    assert S.LOSS_MASK in read_table(layout.part("select/m", "empty")).column_names
     verify_shards(str(tmp_path / "shards" / "m"))
     docs = reassemble(str(tmp_path / "shards" / "m"))
     expect = expected_masks(tmp_path, checkpoints, checkpoints["base"], "sstoken", gamma=0.5, ratio=0.6)
