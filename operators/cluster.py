@@ -1,13 +1,14 @@
-"""CLIMB clustering: k-means on a sample, assignment, quality pruning, Ward merge to domains.
+"""CLIMB clustering: k-means on a sample, quality pruning, Ward merge to domains, refinement, assignment.
 
 algorithms.md, "CLIMB: preprocessing". The runner uses it as one fit/apply pair:
 
 1. global fit (one Ray task, on a sample of `cluster.sample_size` embeddings)::
 
-       fit = fit_clusters(sample_embeddings_SD, config, quality_S=scores_or_None)
-       fit.save(run_dir / "cluster")   # centroids.npy float32 [K, D] + cluster_fit.json
+       fit = fit_clusters(sample_embeddings_SD, config, quality_N=scores_or_None)
+       fit.save(run_dir / "cluster")   # centroids.npy float32 [K, D], cluster_fit.json and,
+                                       # refined, domain_centroids.npy float32 [domains, D]
 
-   `quality_S` (QualityScorer on the same sample rows) is needed only when
+   `quality_N` (QualityScorer on the same sample rows) is needed only when
    `config.prune` is set.
 2. apply (map over every document): `ClusterAssigner(fit_dir=...)` adds `cluster_id`
    (int32, nearest centroid) and `domain_id` (int32; null when the cluster was pruned;
