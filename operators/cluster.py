@@ -164,18 +164,16 @@ def merge_ward(centroids_KD: np.ndarray, keep_K: np.ndarray, *, num_domains: int
     return domain_K
 
 
-def _domain_means(x_ND: np.ndarray, cluster_ids_N: np.ndarray, centroids_KD: np.ndarray,
+def _domain_means(cluster_sums_KD: np.ndarray, cluster_counts_K: np.ndarray, centroids_KD: np.ndarray,
                   domain_K: np.ndarray, n: int) -> np.ndarray:
-    """Mean document of each domain 0..n-1, float32 [n, D]; documents map through their cluster.
+    """Mean document of each domain 0..n-1, float32 [n, D], from per-cluster document sums.
 
     A domain none of whose clusters holds a sample row gets the mean of its centroids.
     """
-    from scipy.sparse import csr_matrix
-
-    domain_N = domain_K[cluster_ids_N]
-    one_hot = csr_matrix((np.ones(len(domain_N)), (domain_N, np.arange(len(domain_N)))), shape=(n, len(domain_N)))
-    sums = np.asarray(one_hot @ x_ND.astype(np.float64))
-    counts = np.bincount(domain_N, minlength=n)
+    kept = domain_K != PRUNED
+    sums = np.zeros((n, cluster_sums_KD.shape[1]))
+    np.add.at(sums, domain_K[kept], cluster_sums_KD[kept])
+    counts = np.bincount(domain_K[kept], weights=cluster_counts_K[kept], minlength=n)
     for d in np.flatnonzero(counts == 0):
         sums[d], counts[d] = centroids_KD[domain_K == d].mean(axis=0), 1
     return (sums / counts[:, None]).astype(np.float32)
@@ -194,6 +192,7 @@ def refine_domains(x_ND: np.ndarray, cluster_ids_N: np.ndarray, centroids_KD: np
     the documents; the lowest within-domain sum of squares is kept (ties: the earliest),
     so the result is never worse by that objective than the plain merge.
     """
+    from scipy.sparse import csr_matrix
     from sklearn.cluster import KMeans
 
     n = int(domain_K.max()) + 1
@@ -211,9 +210,14 @@ def refine_domains(x_ND: np.ndarray, cluster_ids_N: np.ndarray, centroids_KD: np
         if len(rest):
             d_K[rest] = kmeans_assign(centroids_KD[rest], means)
         seeds.append(d_K)
+    # Per-cluster sums once ([K, D]); each seed's domain means are then sums over its clusters.
+    one_hot = csr_matrix((np.ones(len(cluster_ids_N)), (cluster_ids_N, np.arange(len(cluster_ids_N)))),
+                         shape=(len(centroids_KD), len(cluster_ids_N)))
+    cluster_sums_KD = np.asarray(one_hot @ x_ND.astype(np.float64))
+    cluster_counts_K = np.bincount(cluster_ids_N, minlength=len(centroids_KD)).astype(np.float64)
     best = None
     for d_K in seeds:
-        init = _domain_means(x_ND, cluster_ids_N, centroids_KD, d_K, n)
+        init = _domain_means(cluster_sums_KD, cluster_counts_K, centroids_KD, d_K, n)
         km = KMeans(n_clusters=n, init=init, n_init=1, max_iter=max_iter, random_state=seed).fit(x_ND)
         if best is None or km.inertia_ < best.inertia_:
             best = km

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators import schema as S
+from operators.cluster import PRUNED
 from pipeline import sink, storage
 from pipeline.config import Config
 from pipeline.stages import INTERMEDIATE_COMPRESSION, RunLayout, write_marker
@@ -144,9 +145,9 @@ def cluster_assign_item(config: Config, run_dir: str, item: dict) -> dict:
         docs.column(S.PROMPT), docs.column(S.RESPONSE), "\n\n"))
     words_N = whitespace_word_counts(texts)
     num_docs_K, num_words_K = cluster_counts(out.column(S.CLUSTER_ID).to_numpy(), words_N, fit.num_clusters)
-    domain_N = out.column(S.DOMAIN_ID).to_numpy(zero_copy_only=False)  # float, NaN = pruned
-    kept = ~np.isnan(domain_N)
-    num_docs_D, num_words_D = cluster_counts(domain_N[kept].astype(np.int64), words_N[kept], fit.num_domains)
+    domain_N = out.column(S.DOMAIN_ID).fill_null(PRUNED).to_numpy()
+    kept = domain_N != PRUNED
+    num_docs_D, num_words_D = cluster_counts(domain_N[kept], words_N[kept], fit.num_domains)
     result = {"item": item["name"], "rows_in": emb.num_rows, "rows_out": out.num_rows, "rows_filtered": 0,
               "rows_quarantined": 0, "num_docs": num_docs_K.tolist(), "num_words": num_words_K.tolist(),
               "num_docs_domain": num_docs_D.tolist(), "num_words_domain": num_words_D.tolist()}
@@ -175,7 +176,7 @@ def write_cluster_report(config: Config, layout: RunLayout, parts: list[dict], a
             docs.column(S.TEXT).to_pylist(), docs.column(S.PROMPT).to_pylist(), docs.column(S.RESPONSE).to_pylist())]
         columns = domain_columns(layout, name)
         cids.append(columns[S.CLUSTER_ID].to_numpy()[idx])
-        dids.append(columns[S.DOMAIN_ID].fill_null(-1).to_numpy()[idx])
+        dids.append(columns[S.DOMAIN_ID].fill_null(PRUNED).to_numpy()[idx])
     report = build_cluster_report(fit, num_docs_K=num_docs_K, num_tokens_K=num_words_K, num_docs_D=num_docs_D,
                                   num_tokens_D=num_words_D, token_unit="whitespace_words",
                                   sample_cluster_ids_S=np.concatenate(cids), sample_domain_ids_S=np.concatenate(dids),
