@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 from sklearn.metrics import normalized_mutual_info_score  # noqa: E402
 
-from operators.climb_config import ClusterConfig, MergeConfig, PruneConfig  # noqa: E402
+from operators.cluster_config import ClusterConfig, MergeConfig, PruneConfig  # noqa: E402
 from operators.cluster import PRUNED, assign_domains, fit_clusters, kmeans_assign, kmeans_fit  # noqa: E402
 from operators.quality import heuristic_scores  # noqa: E402
 

@@ -9,7 +9,7 @@ Protocol (algorithms.md, CLIMB search), scaled down to run on 2 CPU cores in a f
    Target = --target-docs other GSM8K rows (disjoint from the math domain), or the HoTT book
    with --target hott. A byte-level BPE (--vocab) is trained on all domains and cached under
    benchmarks/.cache/mixture_fidelity/.
-2. Search: SearchState / plan_round / final_result from operators/mixture.py with --rounds
+2. Search: SearchState / plan_round / final_result from operators/mixture/ with --rounds
    (default 16 8 4) proxies; each proxy is a fresh tiny Llama (operators/proxy.py) trained on
    --steps x --batch rows drawn to its mixture and scored by target loss. All search proxies
    share one init seed and one row generator seed (common random numbers: differences come
@@ -94,10 +94,10 @@ def _run_proxy(job):
     from operators.proxy import ProxyConfig, eval_loss, rows_for_mixture, train_proxy
     weights, init_seed, row_seed = job
     t = time.perf_counter()
-    cfg = ProxyConfig(seed=init_seed, **_W["proxy"])
+    cfg = ProxyConfig(**_W["proxy"])
     rows = rows_for_mixture(_W["streams"], weights, cfg.steps * cfg.batch_size, cfg.seq_len,
                             np.random.default_rng(row_seed))
-    model = train_proxy(rows, _W["vocab"], cfg, num_threads=1)
+    model = train_proxy(rows, _W["vocab"], cfg, seed=init_seed, num_threads=1)
     return eval_loss(model, _W["target"]), time.perf_counter() - t
 
 

@@ -1,28 +1,35 @@
-"""ssToken fidelity: does the selected 60% of response tokens train as well as all of them?
+"""Token-selection fidelity: can ssToken and Rho-1, run as the papers run them, skip known noise?
 
-Protocol (algorithms.md, ssToken), scaled down to run on 2 CPU cores in a few minutes:
+Protocol (tiny Llama models trained here, real Alpaca rows; 2 CPU cores):
 
-1. Real SFT data: the first rows of sft_alpaca (prompt / response), split into a
-   pretraining set, an SFT training set and a held-out set. A small BPE tokenizer
-   (`tokenizers`, vocab --vocab) is trained on the pretraining rows only.
-   Sequence = BOS + prompt + "\\n" + response + EOS; targets = response + EOS.
-2. Base model: a tiny Llama pretrained on the pretraining rows with the loss on all
-   tokens (it stands in for the published runs' pretrained base = history model).
-3. Offline ssToken: "current" = base fine-tuned --warm-steps on the SFT set; the
-   training set is scored by TokenScorer (current vs history = base), real loading
-   path, ratio 0.6, gamma 0.5.
-4. From the same base, same batches, same steps and learning rate, fine-tune with
-   (a) all response tokens, (b) a random mask keeping ceil(0.6 |R|) per sample,
-   (c) the offline ssToken mask, (d) online ssToken as in the reference code
-   (current = the model being trained, history = base, masks from
-   `masks_from_logits` with its eager last-layer attention, gamma = 0 for the first
-   20% of samples). Loss = mean CE over the kept tokens, as in the reference code.
-5. Report the held-out loss over ALL response tokens for each, and the base's.
+1. The first --rows rows of sft_alpaca split 2 : 1 : 1 : 1 into pretraining, clean reference
+   SFT, training SFT and held-out rows. A BPE tokenizer (vocab --vocab) is trained on the
+   pretraining rows. Sequence = BOS + prompt + "\\n" + response + EOS, targets = response + EOS,
+   truncated to --seq-len, packed best-fit into rows of --seq-len (operators.pack).
+2. Noise: in --noisy-rows of the training rows, --noise of the response tokens (EOS excluded)
+   are replaced by uniformly random token ids. Held-out rows stay clean.
+3. Base = a tiny Llama pretrained on the pretraining rows (all tokens): ssToken's history
+   model. Reference = the base fine-tuned on the clean reference SFT rows: Rho-1's reference
+   model. Both trained on clean data.
+4. The select stage's model work (operators.score.TokenScorer, window = seq_len) stores the
+   history model's and the reference model's per-token losses (ref_loss, fp32) and, per seed,
+   the offline static ssToken mask from a frozen "current" = base fine-tuned --warm-steps on
+   the training rows.
+5. Arms, each from the base with the same batches, steps and learning rate (--sft-steps):
+   all tokens; random --ratio per sample; Rho-1 online (live loss - stored reference loss,
+   top ratio of each batch); ssToken online (REL = stored history loss - live loss, live
+   last-layer attention to the prompt, gamma 0.5, gamma = 0 for the first 20% of steps);
+   ssToken offline static mask. Online arms use operators.selective_loss.
+6. Per arm, mean +- sd over --seeds seeds (batch order, random mask, warm "current"; the
+   base, reference and noise are shared): held-out clean response loss (nats/token), the
+   fraction of noisy tokens kept (over every training visit) and the kept tokens' mean
+   relative position in their response (0 = first, 1 = last; all tokens ~0.5).
 
-Tiny models on a few thousand samples are far from the paper's setting; the figures
-are what this run measured, nothing more.
+Tiny models on a few thousand rows are far from the papers' setting; the figures are what
+this run measured, whichever way they go.
 
-    python benchmarks/bench_sstoken_fidelity.py   # defaults: a few minutes on 2 cores (more when shared)
+    python benchmarks/bench_sstoken_fidelity.py            # defaults: < 10 min on 2 quiet cores
+    python benchmarks/bench_sstoken_fidelity.py --quick    # a 1-minute smoke run
 """
 from __future__ import annotations
 
@@ -37,16 +44,20 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from operators import schema  # noqa: E402
+from operators import schema as S  # noqa: E402
+from operators.pack import pack_table  # noqa: E402
+from operators.prompt_attention import enable_prompt_attention  # noqa: E402
 from operators.score import TokenScorer  # noqa: E402
-from operators.select import masks_from_logits, num_kept  # noqa: E402
+from operators.select import num_kept  # noqa: E402
+from operators.selective_loss import selective_loss  # noqa: E402
+from operators.tokenize import tokenized_table  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "sft_alpaca_00000_42147.jsonl.zst")
-BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+ARMS = ("all tokens", "random", "Rho-1 online", "ssToken online", "ssToken offline mask")
 
 
 def read_rows(path: str, n: int) -> list[dict]:
@@ -71,37 +82,57 @@ def train_tokenizer(texts: list[str], vocab: int):
     return tok
 
 
-def encode(tok, rows: list[dict], max_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, target_mask) per row; responses truncated to max_len; rows whose
-    prompt leaves fewer than 8 response tokens are skipped."""
+def encode(tok, rows: list[dict], seq_len: int, all_targets: bool = False) -> pa.Table:
+    """Tokenized documents (id, input_ids, target_mask); rows leaving < 8 response tokens are skipped."""
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
-    out = []
+    ids, tms = [], []
     for r in rows:
         p = [bos] + tok.encode(r["prompt"] + "\n").ids
-        if len(p) > max_len - 8:
-            continue
-        resp = (tok.encode(r["response"]).ids + [eos])[:max_len - len(p)]
+        resp = (tok.encode(r["response"]).ids + [eos])[:seq_len - len(p)]
         if len(resp) >= 8:
-            out.append((np.array(p + resp, np.int64), np.r_[np.zeros(len(p)), np.ones(len(resp))].astype(np.uint8)))
+            ids.append(p + resp)
+            tms.append(np.r_[0, np.full(len(p) - 1, int(all_targets)), np.ones(len(resp))].astype(np.uint8))
+    return tokenized_table(pa.array([f"d{i}" for i in range(len(ids))]), ids, tms)
+
+
+def add_noise(docs: pa.Table, vocab: int, noisy_rows: float, noise: float, seed: int) -> tuple[pa.Table, list]:
+    """Replace `noise` of the response tokens (EOS excluded) of `noisy_rows` of the documents by
+    random ids; returns the noisy table and the per-document noise masks."""
+    rng = np.random.default_rng(seed)
+    ids, tms = docs.column(S.INPUT_IDS).to_pylist(), docs.column(S.TARGET_MASK).to_pylist()
+    masks = []
+    for i, (x, tm) in enumerate(zip(ids, tms)):
+        m = np.zeros(len(x), bool)
+        if rng.random() < noisy_rows:
+            resp = np.flatnonzero(tm)[:-1]
+            pick = rng.choice(resp, int(round(noise * resp.size)), replace=False)
+            m[pick] = True
+            for t in pick:
+                x[t] = int(rng.integers(3, vocab))
+        masks.append(m)
+    return tokenized_table(docs.column(S.ID), ids, [np.array(t, np.uint8) for t in tms]), masks
+
+
+def per_token(rows: pa.Table, docs: pa.Table, per_doc: list[np.ndarray], seq_len: int, fill=0.0) -> np.ndarray:
+    """A per-document-token value laid out like the packed rows, [rows, seq_len]."""
+    where = {d: i for i, d in enumerate(docs.column(S.ID).to_pylist())}
+    out = np.full((rows.num_rows, seq_len), fill, dtype=np.float64)
+    for r, (ds, offs, starts) in enumerate(zip(rows.column(S.DOC_IDS).to_pylist(), rows.column(S.DOC_OFFSETS).to_pylist(),
+                                               rows.column(S.DOC_TOKEN_STARTS).to_pylist())):
+        for d, o, s in zip(ds, offs, starts):
+            v = per_doc[where[d]][s:s + seq_len - o]
+            out[r, o:o + v.size] = v
     return out
 
 
-def collate(docs, idx, masks=None):
-    L = max(len(docs[i][0]) for i in idx)
-    ids = torch.zeros(len(idx), L, dtype=torch.long)
-    tm, lm, att = (torch.zeros(len(idx), L, dtype=torch.uint8) for _ in range(3))
-    for r, i in enumerate(idx):
-        n = len(docs[i][0])
-        ids[r, :n], tm[r, :n], att[r, :n] = torch.from_numpy(docs[i][0]), torch.from_numpy(docs[i][1]), 1
-        lm[r, :n] = torch.from_numpy(masks[i] if masks is not None else docs[i][1])
-    return ids, tm, lm, att.long()
-
-
-def masked_ce(logits, ids, mask):
-    """Mean CE over positions t >= 1 where mask[t] = 1 (loss of predicting token t)."""
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-    m = mask[:, 1:].flatten().float()
-    return (ce * m).sum() / m.sum().clamp(min=1)
+def tensors(rows: pa.Table, seq_len: int) -> dict[str, torch.Tensor]:
+    def col(c, dtype):
+        return torch.from_numpy(rows.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+                                .astype(dtype).reshape(-1, seq_len))
+    out = {c: col(c, np.int64) for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, S.POSITION_IDS)}
+    if S.REF_LOSS in rows.column_names:
+        out[S.REF_LOSS] = col(S.REF_LOSS, np.float32)
+    return out
 
 
 def new_model(vocab: int, args, seed: int):
@@ -109,147 +140,187 @@ def new_model(vocab: int, args, seed: int):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      max_position_embeddings=args.max_len, tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+                      max_position_embeddings=args.seq_len, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg)
 
 
-def train(model, docs, order, *, steps, batch, lr, masks=None, online=None, all_tokens=False):
-    """AdamW, constant lr after 10 warm-up steps. `online` = (history_model, warmup_samples)
-    switches to reference-style online ssToken selection; all_tokens = pretraining loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+def copy_of(model, vocab, args):
+    m = new_model(vocab, args, 0)
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def train(model, data: dict, *, steps: int, args, seed: int, select=None, stats=None):
+    """AdamW, lr warm-up over 10 steps then constant, clip 1.0. select(logits, batch, step) ->
+    SelectiveLossOutput; default: every target (selective_loss method 'none')."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    n = data[S.INPUT_IDS].shape[0]
+    order = np.random.default_rng(seed).permutation(n)
     model.train()
     for step in range(steps):
-        idx = order[(step * batch) % len(order):][:batch]
-        ids, tm, lm, att = collate(docs, idx, masks)
+        idx = torch.from_numpy(order[np.arange(step * args.batch, (step + 1) * args.batch) % n])
+        batch = {k: v[idx] for k, v in data.items()}
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 10)
-        out = model(input_ids=ids, attention_mask=att, output_attentions=online is not None)
-        if all_tokens:
-            lm = att.to(torch.uint8)
-        elif online is not None:
-            history, warmup_samples = online
-            with torch.no_grad():
-                hist_logits = history(input_ids=ids, attention_mask=att).logits
-            lm = masks_from_logits(out.logits, hist_logits, ids, tm, "sstoken", attn_last_layer=out.attentions[-1],
-                                   warmup=step * batch < warmup_samples)
-        loss = masked_ce(out.logits, ids, lm)
+            g["lr"] = args.lr * min(1.0, (step + 1) / 10)
+        logits = model(input_ids=batch[S.INPUT_IDS], position_ids=batch[S.POSITION_IDS], use_cache=False).logits
+        out = select(logits, batch, step) if select else selective_loss(logits, batch, method="none")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if stats is not None:
+            kept = out.loss_mask.numpy()
+            stats["noise_kept"] += float(batch["noise"].numpy()[kept].sum())
+            stats["noise_seen"] += float(batch["noise"].numpy()[batch[S.TARGET_MASK].numpy() == 1].sum())
+            stats["relpos"] += float(batch["relpos"].numpy()[kept].sum())
+            stats["kept"] += float(kept.sum())
     model.eval()
     return model
 
 
 @torch.no_grad()
-def heldout_loss(model, docs, batch=64) -> float:
-    total, count = 0.0, 0
-    for s in range(0, len(docs), batch):
-        ids, tm, _, att = collate(docs, list(range(s, min(s + batch, len(docs)))))
-        logits = model(input_ids=ids, attention_mask=att).logits
-        n = tm[:, 1:].sum().item()
-        total += masked_ce(logits, ids, tm).item() * n
-        count += n
+def heldout_loss(model, data: dict, batch: int = 64) -> float:
+    total = count = 0.0
+    for s in range(0, data[S.INPUT_IDS].shape[0], batch):
+        b = {k: v[s:s + batch] for k, v in data.items()}
+        logits = model(input_ids=b[S.INPUT_IDS], position_ids=b[S.POSITION_IDS], use_cache=False).logits
+        out = selective_loss(logits, b, method="none")
+        total += float(out.loss) * out.num_kept
+        count += out.num_kept
     return total / count
 
 
-def random_masks(docs, ratio, seed):
+def random_masks(docs: pa.Table, ratio: float, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
-    for _, tm in docs:
-        targets = np.flatnonzero(tm)
-        m = np.zeros_like(tm)
-        m[rng.choice(targets, int(num_kept(ratio, targets.size)), replace=False)] = 1
+    for tm in docs.column(S.TARGET_MASK).to_pylist():
+        t = np.flatnonzero(tm)
+        m = np.zeros(len(tm), np.uint8)
+        m[rng.choice(t, int(num_kept(ratio, t.size)), replace=False)] = 1
         out.append(m)
     return out
 
 
-def mean_relative_position(docs, masks) -> float:
-    """Mean position of the kept tokens within their response, 0 = first, 1 = last: shows
-    whether a selection is biased towards the start or the end of responses."""
-    rel = []
-    for (_, tm), m in zip(docs, masks):
-        r = np.flatnonzero(tm)
-        rel.append((np.flatnonzero(m[r]) / max(1, r.size - 1)))
-    return float(np.concatenate(rel).mean())
+def with_column(docs: pa.Table, name: str, values: list[np.ndarray], pa_type) -> pa.Table:
+    arr = pa.ListArray.from_arrays(docs.column(S.INPUT_IDS).combine_chunks().offsets,
+                                   pa.array(np.concatenate(values), pa_type))
+    docs = docs.drop_columns([name]) if name in docs.column_names else docs
+    return docs.append_column(name, arr)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=DATA, help="SFT JSON Lines (.zst) with prompt/response")
-    ap.add_argument("--rows", type=int, default=3000, help="Alpaca rows read (pretrain : sft : held-out = 2 : 2 : 1)")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--rows", type=int, default=3000, help="Alpaca rows (pretrain:reference:train:held-out = 2:1:1:1)")
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--pretrain-steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=16, help="packed rows per step")
+    ap.add_argument("--pretrain-steps", type=int, default=250)
+    ap.add_argument("--ref-steps", type=int, default=80)
     ap.add_argument("--warm-steps", type=int, default=20)
-    ap.add_argument("--sft-steps", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--sft-steps", type=int, default=80)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--ratio", type=float, default=0.6)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-online", action="store_true", help="skip variant (d), online ssToken")
+    ap.add_argument("--noisy-rows", type=float, default=0.5)
+    ap.add_argument("--noise", type=float, default=0.3)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small smoke run (~1 min)")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    if args.quick:
+        args.rows, args.pretrain_steps, args.ref_steps, args.warm_steps, args.sft_steps, args.seeds = 800, 40, 15, 5, 15, 2
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    t0 = time.perf_counter()
+
+    def say(msg):
+        print(f"[{time.perf_counter() - t0:5.0f}s] {msg}", flush=True)
 
     rows = read_rows(args.data, args.rows)
     n = len(rows) // 5
-    pre_rows, sft_rows, held_rows = rows[:2 * n], rows[2 * n:4 * n], rows[4 * n:]
-    tok = train_tokenizer([r["prompt"] + "\n" + r["response"] for r in pre_rows], args.vocab)
+    splits = rows[:2 * n], rows[2 * n:3 * n], rows[3 * n:4 * n], rows[4 * n:]
+    tok = train_tokenizer([r["prompt"] + "\n" + r["response"] for r in splits[0]], args.vocab)
     vocab = tok.get_vocab_size()
-    pre, sft, held = (encode(tok, r, args.max_len) for r in (pre_rows, sft_rows, held_rows))
-    print(f"docs: pretrain {len(pre)}, sft {len(sft)}, held-out {len(held)}; vocab {vocab}; "
-          f"sft response tokens {sum(int(t.sum()) for _, t in sft):,}")
+    pre, ref_sft, clean_train, held = (encode(tok, r, args.seq_len, all_targets=i == 0) for i, r in enumerate(splits))
+    train_docs, noise = add_noise(clean_train, vocab, args.noisy_rows, args.noise, seed=1234)
+    say(f"docs: pretrain {pre.num_rows}, reference {ref_sft.num_rows}, train {train_docs.num_rows} "
+        f"({sum(m.any() for m in noise)} noisy rows, {sum(int(m.sum()) for m in noise)} noisy of "
+        f"{int(pa.compute.sum(pa.compute.list_flatten(train_docs.column(S.TARGET_MASK))).as_py())} targets), "
+        f"held-out {held.num_rows}; vocab {vocab}")
 
-    rng = np.random.default_rng(args.seed)
-    base = train(new_model(vocab, args, args.seed), pre, rng.permutation(len(pre)),
-                 steps=args.pretrain_steps, batch=args.batch, lr=args.lr, all_tokens=True)
-    sft_order = rng.permutation(len(sft))  # one batch order shared by every variant
-    results = {"base (no SFT)": heldout_loss(base, held)}
-    print(f"[{time.perf_counter() - t_start:5.0f}s] base pretrained; held-out response loss "
-          f"{results['base (no SFT)']:.4f}")
+    pack = dict(seq_len=args.seq_len, pad_id=tok.token_to_id(PAD))
+    base = train(new_model(vocab, args, 0), tensors(pack_table(pre, **pack)[0], args.seq_len),
+                 steps=args.pretrain_steps, args=args, seed=0)
+    held_t = tensors(pack_table(held, **pack)[0], args.seq_len)
+    say(f"base pretrained ({args.pretrain_steps} steps): held-out response loss {heldout_loss(base, held_t):.4f}")
+    reference = train(copy_of(base, vocab, args), tensors(pack_table(ref_sft, **pack)[0], args.seq_len),
+                      steps=args.ref_steps, args=args, seed=0)
+    say(f"reference model ({args.ref_steps} clean SFT steps): held-out {heldout_loss(reference, held_t):.4f}")
 
-    def from_base():
-        m = new_model(vocab, args, args.seed)
-        m.load_state_dict(base.state_dict())
-        return m
-
+    results = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory() as root:
-        warm = train(from_base(), sft, sft_order, steps=args.warm_steps, batch=args.batch, lr=args.lr)
-        base.save_pretrained(os.path.join(root, "history"))
-        warm.save_pretrained(os.path.join(root, "current"))
-        table = pa.table({schema.ID: [str(i) for i in range(len(sft))],
-                          schema.INPUT_IDS: pa.array([d[0].tolist() for d in sft], pa.list_(pa.int32())),
-                          schema.TARGET_MASK: pa.array([d[1].tolist() for d in sft], pa.list_(pa.uint8()))})
-        scorer = TokenScorer(current_model=os.path.join(root, "current"), other_model=os.path.join(root, "history"),
-                             method="sstoken", ratio=args.ratio, device="cpu", batch_tokens=8192)
-        sstoken_masks = [np.array(m, np.uint8) for m in scorer(table).column(schema.LOSS_MASK).to_pylist()]
-    kept = sum(int(m.sum()) for m in sstoken_masks) / sum(int(t.sum()) for _, t in sft)
-    print(f"[{time.perf_counter() - t_start:5.0f}s] offline ssToken masks: {kept:.3f} of response tokens kept")
+        paths = {k: os.path.join(root, k) for k in ("history", "reference", "current")}
+        base.save_pretrained(paths["history"])
+        reference.save_pretrained(paths["reference"])
+        hist_docs = TokenScorer({"method": "sstoken", "history_model": paths["history"]}, window_len=args.seq_len)(train_docs)
+        ref_docs = TokenScorer({"method": "rho1", "reference_model": paths["reference"]}, window_len=args.seq_len)(train_docs)
+        relpos = []
+        for tm in train_docs.column(S.TARGET_MASK).to_pylist():
+            t = np.flatnonzero(tm)
+            v = np.zeros(len(tm))
+            v[t] = np.arange(t.size) / max(1, t.size - 1)
+            relpos.append(v)
+        say("stored ref_loss (history and reference models, fp32)")
+        for seed in range(args.seeds):
+            warm_data = tensors(pack_table(train_docs, **pack)[0], args.seq_len)
+            train(copy_of(base, vocab, args), warm_data, steps=args.warm_steps, args=args,
+                  seed=100 + seed).save_pretrained(paths["current"])
+            static = TokenScorer({"method": "sstoken", "history_model": paths["history"],
+                                  "current_model": paths["current"], "ratio": args.ratio},
+                                 window_len=args.seq_len)(train_docs).column(S.LOSS_MASK)
+            static = [np.array(m, np.uint8) for m in static.to_pylist()]
+            arms = {"all tokens": (hist_docs, None), "random": (with_column(hist_docs, S.LOSS_MASK,
+                    random_masks(train_docs, args.ratio, seed), pa.uint8()), None),
+                    "Rho-1 online": (ref_docs, "rho1"), "ssToken online": (hist_docs, "sstoken"),
+                    "ssToken offline mask": (with_column(hist_docs, S.LOSS_MASK, static, pa.uint8()), None)}
+            for arm, (docs, method) in arms.items():
+                rows_t, _ = pack_table(docs, **pack)
+                data = tensors(rows_t, args.seq_len)
+                data["noise"] = torch.from_numpy(per_token(rows_t, docs, noise, args.seq_len) > 0)
+                data["relpos"] = torch.from_numpy(per_token(rows_t, docs, relpos, args.seq_len))
+                model = copy_of(base, vocab, args)
+                if method == "sstoken":
+                    attention = enable_prompt_attention(model)
+                    warm = int(0.2 * args.sft_steps)
 
-    variants = {"(a) all response tokens": dict(),
-                "(b) random 60% per sample": dict(masks=random_masks(sft, args.ratio, args.seed)),
-                "(c) ssToken offline mask": dict(masks=sstoken_masks)}
-    if not args.no_online:
-        variants["(d) ssToken online (reference)"] = dict(online=(base, int(0.2 * args.sft_steps * args.batch)))
-    for name, kw in variants.items():
-        if "masks" in kw:
-            print(f"  {name}: kept tokens' mean relative position in the response "
-                  f"{mean_relative_position(sft, kw['masks']):.3f} (all tokens: "
-                  f"{mean_relative_position(sft, [t for _, t in sft]):.3f})")
-        model = train(from_base(), sft, sft_order, steps=args.sft_steps, batch=args.batch, lr=args.lr, **kw)
-        results[name] = heldout_loss(model, held)
-        print(f"[{time.perf_counter() - t_start:5.0f}s] {name}: held-out response loss {results[name]:.4f}")
+                    def select(logits, b, step, attention=attention, warm=warm):
+                        return selective_loss(logits, b, method="sstoken", ratio=args.ratio, gamma=0.5,
+                                              warmup=step < warm, attention=attention)
+                elif method == "rho1":
+                    def select(logits, b, step):
+                        return selective_loss(logits, b, method="rho1", ratio=args.ratio)
+                elif arm == "all tokens":
+                    select = None
+                else:  # a static mask: train on the shard's loss_mask
+                    def select(logits, b, step):
+                        return selective_loss(logits, {**b, S.TARGET_MASK: b[S.LOSS_MASK]}, method="none")
+                stats = dict(noise_kept=0.0, noise_seen=0.0, relpos=0.0, kept=0.0)
+                train(model, data, steps=args.sft_steps, args=args, seed=seed, select=select, stats=stats)
+                results[arm].append((heldout_loss(model, held_t), stats["noise_kept"] / max(1, stats["noise_seen"]),
+                                     stats["relpos"] / max(1, stats["kept"])))
+                say(f"seed {seed} {arm:22s} held-out {results[arm][-1][0]:.4f}  noisy kept "
+                    f"{results[arm][-1][1]:.3f}  kept rel. position {results[arm][-1][2]:.3f}")
 
-    ref = results["(a) all response tokens"]
-    print(f"\nheld-out loss over all response tokens ({len(held)} samples, {args.sft_steps} steps x "
-          f"{args.batch}, lr {args.lr}, seed {args.seed}); lower is better; delta vs (a):")
-    for name, value in results.items():
-        print(f"  {name:34s} {value:.4f}  ({value - ref:+.4f})")
-    print(f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"\n{args.seeds} seeds x {args.sft_steps} steps x {args.batch} rows of {args.seq_len}, lr {args.lr}, "
+          f"ratio {args.ratio}; noise: {args.noise:.0%} of response tokens in {args.noisy_rows:.0%} of rows")
+    print(f"| arm | held-out clean response loss | noisy tokens kept | kept tokens' mean relative position |")
+    print("|---|---|---|---|")
+    for arm, runs in results.items():
+        a = np.array(runs)
+        m, sd = a.mean(0), a.std(0, ddof=1) if len(a) > 1 else np.zeros(3)
+        print(f"| {arm} | {m[0]:.4f} ± {sd[0]:.4f} | {m[1]:.3f} ± {sd[1]:.3f} | {m[2]:.3f} ± {sd[2]:.3f} |")
+    print(f"total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

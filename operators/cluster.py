@@ -4,12 +4,12 @@ algorithms.md, "CLIMB: preprocessing". The runner uses it as one fit/apply pair:
 
 1. global fit (one Ray task, on a sample of `cluster.sample_size` embeddings)::
 
-       fit = fit_clusters(sample_embeddings_SD, config, quality_N=scores_or_None)
+       fit = fit_clusters(sample_embeddings_SD, config.cluster, quality_N=scores_or_None)
        fit.save(run_dir / "cluster")   # centroids.npy float32 [K, D], cluster_fit.json and,
                                        # refined, domain_centroids.npy float32 [domains, D]
 
    `quality_N` (QualityScorer on the same sample rows) is needed only when
-   `config.prune` is set.
+   `cluster.prune` is set.
 2. apply (map over every document): `ClusterAssigner(fit_dir=...)` adds `cluster_id`
    (int32, nearest centroid) and `domain_id` (int32; null when the cluster was pruned;
    else the nearest refined domain centroid, or the cluster's Ward domain when
@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators.base import Operator, check_columns
-from operators.climb_config import ClusterConfig
+from operators.cluster_config import ClusterConfig
 from operators.embed import embedding_matrix
 from operators.schema import CLUSTER_ID, DOMAIN_ID, EMBEDDING
 
@@ -374,6 +374,3 @@ class ClusterAssigner(Operator):
         return (table.append_column(pa.field(CLUSTER_ID, pa.int32(), nullable=False), pa.array(cluster_ids_N))
                 .append_column(pa.field(DOMAIN_ID, pa.int32()),
                                pa.array(domain_ids_N, pa.int32(), mask=domain_ids_N == PRUNED)))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "fit": None}  # each actor loads the files itself

@@ -25,7 +25,7 @@ Design:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -174,8 +174,3 @@ class DocumentEmbedder(Operator):
         if self.model is None:
             raise RuntimeError("DocumentEmbedder.setup() must be called before embedding")
         return self.model
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Ray pickles the operator to ship it to actors: send the settings, not the weights.
-        return {**self.__dict__, "model": None}
-

@@ -101,9 +101,11 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
     tgt_v, _ = _flat(table.column(S.TARGET_MASK))
     has_loss = S.LOSS_MASK in table.column_names
     has_scores = S.TOKEN_SCORES in table.column_names
+    has_ref_loss = S.REF_LOSS in table.column_names
     has_domains = S.DOMAIN_ID in table.column_names
     loss_v = _flat(table.column(S.LOSS_MASK))[0] if has_loss else None
     score_v = _flat(table.column(S.TOKEN_SCORES))[0] if has_scores else None
+    ref_v = _flat(table.column(S.REF_LOSS))[0] if has_ref_loss else None
     lengths = np.diff(offs)
 
     doc, start, plen = split_pieces(lengths, seq_len)
@@ -160,10 +162,15 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
         out_scores = np.full(n_rows * seq_len, np.nan, np.float16)
         out_scores[dst] = score_v[src].astype(np.float16)
         cols[S.TOKEN_SCORES] = fixed(out_scores, pa.float16())
+    if has_ref_loss:  # float32 (it is subtracted from a live loss), NaN wherever not a target
+        out_ref = np.full(n_rows * seq_len, np.nan, np.float32)
+        out_ref[dst] = ref_v[src].astype(np.float32)
+        out_ref[out_tgt == 0] = np.nan
+        cols[S.REF_LOSS] = fixed(out_ref, pa.float32())
     if has_domains:
         dom = table.column(S.DOMAIN_ID).combine_chunks().take(pa.array(doc)).cast(pa.int32())
         cols[S.DOMAIN_IDS] = pa.ListArray.from_arrays(list_offsets, dom)
-    out = pa.table(cols, schema=S.shard_schema(seq_len, has_scores, has_domains))
+    out = pa.table(cols, schema=S.shard_schema(seq_len, has_scores, has_domains, with_ref_loss=has_ref_loss))
     stats = PackStats(rows=n_rows, docs=int((start == 0).sum()), pieces=len(plen),
                       split_docs=int((np.bincount(doc, minlength=len(lengths)) > 1).sum()) if len(doc) else 0,
                       tokens=total, target_tokens=int(out_tgt.sum()), loss_tokens=int(out_loss.sum()),

@@ -12,13 +12,12 @@ the default search metric (lower is better). `eval_multiple_choice` = accuracy o
 choice with the highest log-likelihood given the question, divided by the number of characters
 of the continuation (lm-evaluation-harness `acc_norm`; `normalize="tokens"` or `"none"` too).
 
-Determinism: the same rows, config and thread count give bit-identical weights on CPU
+Determinism: the same rows, config, seed and thread count give bit-identical weights on CPU
 (initialisation from `torch.manual_seed(seed)`, batch order from a numpy generator seeded with
 `seed`). Rows must be chosen by the caller (`rows_for_mixture`) with its own generator.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
@@ -26,41 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from operators.proxy_config import ProxyConfig
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ProxyConfig:
-    """Proxy model and training settings. Token counts: steps * batch_size * seq_len."""
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    seq_len: int = 128           # tokens per row; also the model's max positions
-    steps: int = 200             # optimizer steps
-    batch_size: int = 16         # rows per step
-    lr: float = 3e-3             # peak AdamW learning rate
-    warmup_steps: int = 20
-    weight_decay: float = 0.1    # on matrices only (not norms)
-    seed: int = 0
-    init_from: str | None = None  # local HF checkpoint directory to continue from
-
-    def __post_init__(self) -> None:
-        for name in ("hidden", "layers", "heads", "seq_len", "steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"proxy.{name}: expected an integer >= 1, got {v!r}")
-        if self.hidden % self.heads:
-            raise ValueError(f"proxy.hidden ({self.hidden}) must be a multiple of proxy.heads ({self.heads})")
-        if self.seq_len < 2:
-            raise ValueError("proxy.seq_len must be >= 2 (one input and one target token)")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"proxy: lr must be > 0, weight_decay and warmup_steps >= 0, got "
-                             f"{self.lr}, {self.weight_decay}, {self.warmup_steps}")
+__all__ = ["ProxyConfig", "build_proxy", "eval_loss", "eval_multiple_choice", "rows_for_mixture", "train_proxy"]
 
 
-def build_proxy(vocab_size: int, cfg: ProxyConfig) -> torch.nn.Module:
-    """A fresh tiny Llama seeded with cfg.seed, or cfg.init_from loaded from disk."""
+def build_proxy(vocab_size: int, cfg: ProxyConfig, *, seed: int) -> torch.nn.Module:
+    """A fresh tiny Llama initialised from torch.manual_seed(seed), or cfg.init_from loaded from disk."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     if cfg.init_from is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.init_from)
         if model.config.vocab_size < vocab_size:
@@ -90,26 +64,27 @@ def _lr_factor(step: int, cfg: ProxyConfig) -> float:
 
 
 def train_proxy(token_rows_NT, vocab_size: int, cfg: ProxyConfig, device: str | torch.device = "cpu", *,
-                num_threads: int | None = None) -> torch.nn.Module:
+                seed: int, num_threads: int | None = None) -> torch.nn.Module:
     """Train a proxy on packed rows [N, T] (T <= cfg.seq_len) of token ids; returns it in eval mode.
 
-    Batches walk seeded permutations of the rows (epochs when steps * batch_size > N). Every
-    position but the first of a row is a target. `num_threads` sets torch.set_num_threads
-    (process-wide) when given; the caller decides, e.g. 1 per proxy when proxies run in parallel.
+    `seed` decides the initialisation and the batch order. Batches walk seeded permutations of
+    the rows (epochs when steps * batch_size > N). Every position but the first of a row is a
+    target. `num_threads` sets torch.set_num_threads (process-wide) when given; the caller
+    decides, e.g. 1 per proxy when proxies run in parallel.
     """
     rows = _check_rows(token_rows_NT, vocab_size, "train_proxy rows")
     if rows.shape[1] > cfg.seq_len:
         raise ValueError(f"train_proxy: rows have {rows.shape[1]} tokens, more than proxy.seq_len={cfg.seq_len}")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    model = build_proxy(vocab_size, cfg).to(device)
+    model = build_proxy(vocab_size, cfg, seed=seed).to(device)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     need = cfg.steps * cfg.batch_size
     order = np.concatenate([rng.permutation(len(rows)) for _ in range(-(-need // len(rows)))])[:need]
     data = torch.from_numpy(rows)

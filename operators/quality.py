@@ -167,6 +167,3 @@ class QualityScorer(Operator):
     def __call__(self, table: pa.Table) -> pa.Table:
         scores = self.score_texts(document_texts(table).to_pylist())
         return table.append_column(pa.field(QUALITY, pa.float32()), pa.array(scores, pa.float32()))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_score": None}  # actors load the classifier themselves

@@ -29,6 +29,7 @@ INPUT_IDS = "input_ids"        # list<int32>: BOS? + tokens + EOS?
 TARGET_MASK = "target_mask"    # list<uint8>: 1 where the token may be a target
 LOSS_MASK = "loss_mask"        # list<uint8>: subset of target_mask after selection
 TOKEN_SCORES = "token_scores"  # list<float32>: selection score, NaN where not scored
+REF_LOSS = "ref_loss"          # list<float32>: history/reference model's loss (nats), NaN where not a target
 NUM_TOKENS = "num_tokens"      # int32
 
 TOKENIZED_SCHEMA = pa.schema([
@@ -37,6 +38,23 @@ TOKENIZED_SCHEMA = pa.schema([
     pa.field(TARGET_MASK, pa.list_(pa.uint8()), nullable=False),
     pa.field(NUM_TOKENS, pa.int32(), nullable=False),
 ])
+
+# --- dedup and decontamination (operators/minhash.py, dedup_graph.py, decontam.py) ---
+ORDER_KEY = "order_key"        # int64, unique and sortable: (part index << 32) | row; lowest is kept
+HASH_HI = "hash_hi"            # uint64: high half of the 128-bit normalised-text hash
+HASH_LO = "hash_lo"            # uint64: low half (also picks the shuffle bucket)
+BAND = "band"                  # uint16: LSH band index
+BAND_HASH = "band_hash"        # uint64: hash of one band of a MinHash signature
+SIGNATURE = "signature"        # fixed_size_list<uint32>[num_perm]
+KEY_A = "key_a"                # int64: the lower order key of a candidate pair
+KEY_B = "key_b"                # int64: the higher one
+DUPLICATE_OF = "duplicate_of"  # string: id of the kept document a removed one duplicates
+DUPLICATE_OF_KEY = "duplicate_of_key"  # int64: its order key
+SIMILARITY = "similarity"      # float32: estimated Jaccard (1.0 exact); decontam: eval n-gram coverage
+METHOD = "method"              # string: exact | near | decontaminate
+EVAL_SOURCE = "eval_source"    # string: the eval set (its `source`) a removed document overlaps
+EVAL_ID = "eval_id"            # string: the eval row
+NGRAM = "ngram"                # string: the first shared n-gram, normalised words
 
 # --- embeddings and clusters ---------------------------------------------
 EMBEDDING = "embedding"    # fixed_size_list<float32>[dim], L2-normalised
@@ -52,7 +70,8 @@ DOC_TOKEN_STARTS = "doc_token_starts"
 DOMAIN_IDS = "domain_ids"
 
 
-def shard_schema(seq_len: int, with_scores: bool = False, with_domains: bool = False) -> pa.Schema:
+def shard_schema(seq_len: int, with_scores: bool = False, with_domains: bool = False,
+                 with_ref_loss: bool = False) -> pa.Schema:
     """Schema of one training shard: every fixed-size list has `seq_len` items."""
     fields = [
         pa.field(INPUT_IDS, pa.list_(pa.int32(), seq_len), nullable=False),
@@ -66,6 +85,8 @@ def shard_schema(seq_len: int, with_scores: bool = False, with_domains: bool = F
     ]
     if with_scores:
         fields.append(pa.field(TOKEN_SCORES, pa.list_(pa.float16(), seq_len)))
+    if with_ref_loss:
+        fields.append(pa.field(REF_LOSS, pa.list_(pa.float32(), seq_len)))
     if with_domains:
         fields.append(pa.field(DOMAIN_IDS, pa.list_(pa.int32())))
     return pa.schema(fields)

@@ -1,36 +1,39 @@
-"""TokenScorer: per-token losses of two causal LMs (+ attention to the prompt) -> loss_mask.
+"""TokenScorer: the select stage's model work -> ref_loss (+ the offline static mask).
 
-For every document it computes, with both models, the cross-entropy (nats) of
-predicting token t from tokens < t (position 0: NaN), and for ssToken the current
-model's last-layer attention from query t to the prompt keys P (positions before
-the first target; BOS included), summed over P and averaged over heads. Then
-`operators/select.py` turns them into `loss_mask` and `token_scores`.
+For every document it computes, with the history (ssToken) or reference (Rho-1) model,
+the cross-entropy in nats of predicting token t from tokens < t: the `ref_loss` column
+(float32, NaN where t is not a target), which the trainer's online selection
+(`operators/selective_loss.py`) subtracts from the live model's loss. When the config
+names a `current_model` it also writes the offline approximation: that frozen
+checkpoint's losses (and, for ssToken, its last-layer attention to the prompt) turned
+into `token_scores` and a static `loss_mask` by `operators/select.py`. Without one,
+`loss_mask = target_mask` and `token_scores` is NaN.
 
 Design:
-* Batching: documents are sorted by length (longest first, so an out-of-memory
-  shows on the first batch), grouped so that rows * longest <= batch_tokens,
-  right-padded with an attention mask, and the results put back in input order.
-* Attention without an eager forward pass: the current model is loaded with a
-  registered attention implementation that runs SDPA for every layer (the same
-  kernel as a plain forward) and, in the last layer only, recomputes the softmax
-  from the layer's own (post-projection, post-RoPE) query and key with an explicit
-  causal + key-padding mask, reducing it to [B, T] in query chunks of at most
-  _PROBS_BUDGET elements. Works for any HF model that dispatches through
-  `AttentionInterface` (Llama, Qwen2/3, Mistral, GPT-2, ...); attention features
-  this recomputation would get wrong (softcapping, position bias, a sliding window
-  shorter than the sequence) raise instead of scoring silently wrong.
-* Memory per actor: both models' weights, plus per batch the logits of one model
-  (batch_tokens * vocab * 2 bytes in bf16; 16384 * 152k ~ 5 GB), an fp32 copy of
-  at most _CE_ROWS logits rows, and <= 256 MiB of attention probabilities.
-* The loss and attention reductions below are the single implementation shared
-  with the training-loop helper `operators.select.masks_from_logits`.
+* Precision: the models run in `select.dtype` (bf16 on GPU by default) but the output
+  layer runs in fp32 (an fp32 copy of lm_head; post-head code such as softcapping runs
+  on fp32 logits) and the log-softmax and loss are fp32, so the stored losses carry no
+  bf16 rounding of the logits. The differences the selection ranks are small (REL had a
+  mean of +0.096 nats in one audit), and bf16 logit rounding is a real share of that.
+* Windows: documents are scored in windows of `window_len` tokens (the stage passes
+  pack.seq_len) or the models' context when shorter, split where pack splits them
+  (`operators/windows.py`), so each token's ref_loss has the context the trainer gives it.
+* Batching: documents are sorted by length (longest first, so an out-of-memory shows on
+  the first batch), grouped so that rows * longest <= batch_tokens, right-padded with an
+  attention mask, and the results put back in input order.
+* Attention: `operators/prompt_attention.py` (SDPA in every layer, the last layer's
+  attention to the prompt recomputed from its own query and key; models it cannot
+  reproduce are refused at setup).
+* Memory per actor: both models' weights, an fp32 copy of lm_head for a half-precision
+  model, plus per batch the fp32 logits of one model (batch_tokens * vocab * 4 bytes:
+  16384 * 152k ~ 10 GB; lower select.batch_tokens on a small GPU) and <= 256 MiB of
+  attention probabilities.
 """
 from __future__ import annotations
 
-import contextvars
-import dataclasses
+import logging
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,95 +42,77 @@ import torch.nn.functional as F
 
 from operators import schema
 from operators.base import Operator, check_columns
-from operators.select import (check_gamma, check_ratio, prompt_lengths, rho1_mask,
-                              sstoken_mask)
+from operators.prompt_attention import CAPTURE_ATTN, PromptAttention, enable_prompt_attention, register_capture
+from operators.select import none_mask, prompt_lengths, rho1_mask, sstoken_mask
+from operators.select_config import SelectConfig
+from operators.token_loss import token_losses_from_logits
+from operators.windows import join_windows, split_long_documents
 
-CAPTURE_ATTN = "tokenmill_prompt_attention"  # name of our registered attention implementation
-_PROBS_BUDGET = 1 << 26  # fp32 attention probabilities materialised at once (256 MiB)
-_CE_ROWS = 4096          # logits rows upcast to fp32 at once for the cross-entropy
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------- shared math
-def token_losses_from_logits(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor,
-                             *, chunk_rows: int = _CE_ROWS) -> torch.Tensor:
-    """Per-token CE in nats, [B, T] float32 on the logits' device: out[b, t] is the loss
-    of predicting input_ids[b, t] from logits[b, t - 1]; out[:, 0] = NaN (no context).
-    Padding positions get a (meaningless) finite value; callers mask them."""
-    B, T, V = logits_BTV.shape
-    out = torch.full((B, T), float("nan"), dtype=torch.float32, device=logits_BTV.device)
-    targets = input_ids_BT.to(logits_BTV.device, torch.long)
-    for b in range(B):  # row by row: logits[b, :-1] is a contiguous view, no B*T*V copy
-        for s in range(0, T - 1, chunk_rows):
-            e = min(s + chunk_rows, T - 1)
-            out[b, s + 1:e + 1] = F.cross_entropy(logits_BTV[b, s:e].float(), targets[b, s + 1:e + 1],
-                                                  reduction="none")
-    return out
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prompt_attention_from_probs(probs_BHQK: torch.Tensor, prompt_mask_BK: torch.Tensor) -> torch.Tensor:
-    """Attn_t = mean over heads of the sum over prompt keys of the attention probability.
-    probs [B, H, Q, K] (rows already causal/padding-masked), prompt_mask [B, K] bool;
-    returns [B, Q] float32 in [0, 1]."""
-    keys = prompt_mask_BK.to(probs_BHQK.device, torch.float32)[:, None, :, None]
-    return torch.matmul(probs_BHQK.float(), keys).squeeze(-1).mean(dim=1)
+# ------------------------------------------------------------------- loading
+class Float32Head(torch.nn.Module):
+    """An fp32 copy of a model's output layer: logits (and any post-head code) in fp32."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)
+        self.bias = None if head.bias is None else torch.nn.Parameter(head.bias.detach().float(),
+                                                                      requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.float(), self.weight, self.bias)
 
 
-def prompt_attention_from_qk(query_BHTD: torch.Tensor, key_BKTD: torch.Tensor, *, scaling: float,
-                             lengths_B: torch.Tensor, prompt_lens_B: torch.Tensor) -> torch.Tensor:
-    """Last-layer attention to the prompt, recomputed from query/key with an explicit
-    causal + key-padding mask. key may have fewer heads (GQA: head h uses kv head
-    h // (H / K), as HF's repeat_kv). Returns [B, T] float32; padded queries are junk."""
-    B, H, T, _ = query_BHTD.shape
-    key = key_BKTD.repeat_interleave(H // key_BKTD.shape[1], dim=1).float()
-    pos = torch.arange(T, device=query_BHTD.device)
-    key_ok_BK = pos[None, :] < lengths_B.to(pos.device)[:, None]
-    prompt_BK = pos[None, :] < prompt_lens_B.to(pos.device)[:, None]
-    out = torch.empty(B, T, dtype=torch.float32, device=query_BHTD.device)
-    step = max(1, _PROBS_BUDGET // max(1, B * H * T))
-    for q0 in range(0, T, step):
-        q1 = min(q0 + step, T)
-        scores = torch.matmul(query_BHTD[:, :, q0:q1].float(), key.transpose(-1, -2)) * scaling
-        allowed = (pos[q0:q1, None] >= pos[None, :])[None, None] & key_ok_BK[:, None, None, :]
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        out[:, q0:q1] = prompt_attention_from_probs(probs, prompt_BK)
-    return out
+def use_float32_head(model: torch.nn.Module) -> bool:
+    """Replace a half-precision lm_head by `Float32Head` (a copy: tied input embeddings stay
+    as they are). Returns whether it did; a model whose head is not a Linear is left alone."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype in (torch.float32, torch.float64):
+        return False
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is head:
+                setattr(parent, name, Float32Head(head).to(head.weight.device))
+                return True
+    return False
 
 
-# ---------------------------------------------------- attention capture hook
-@dataclasses.dataclass
-class _Capture:
-    layer_idx: int
-    lengths: torch.Tensor
-    prompt_lens: torch.Tensor
-    result: torch.Tensor | None = None
-
-
-_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("tokenmill_capture", default=None)
-
-
-def _capturing_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                         value: torch.Tensor, attention_mask: Any, **kwargs: Any):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    req = _CAPTURE.get()
-    if req is not None and getattr(module, "layer_idx", None) == req.layer_idx:
-        T = query.shape[2]
-        window = kwargs.get("sliding_window")
-        if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None or (
-                window is not None and window < T):
-            raise ValueError("ssToken attention: this model's last layer uses softcapping, a position "
-                             "bias or a sliding window, which the explicit recomputation does not model")
-        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        req.result = prompt_attention_from_qk(query, key, scaling=scaling, lengths_B=req.lengths,
-                                              prompt_lens_B=req.prompt_lens)
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_capture() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(CAPTURE_ATTN, _capturing_attention)
-    AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)  # the model builds SDPA-style masks
+def load_causal_lm(path: str, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
+                   capture_attention: bool = False, float32_head: bool = True) -> torch.nn.Module:
+    """Load a causal LM from a local directory (never the hub) in eval mode, no grad.
+    capture_attention: enable `prompt_attention` (verified against eager attention; the holder
+    is `model.tokenmill_prompt_attention`). float32_head: see `use_float32_head`."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path!r} does not exist (models load from local "
+                                "directories only)")
+    from transformers import AutoModelForCausalLM
+    if trust_remote_code:  # the directory's Python runs in this process: say so where it happens
+        log.warning("loading %s with trust_remote_code=True: Python files in that model directory run "
+                    "in this process", path)
+    if capture_attention:
+        register_capture()
+    has_st = any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
+            use_safetensors=True if has_st else None,
+            attn_implementation=CAPTURE_ATTN if capture_attention else None)  # None: HF default (SDPA)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError... name the path
+        raise ValueError(f"cannot load a causal LM from {path!r}: {type(e).__name__}: {e}") from e
+    model.to(device).eval().requires_grad_(False)
+    if float32_head:
+        use_float32_head(model)
+    if capture_attention:
+        try:
+            holder = enable_prompt_attention(model)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        object.__setattr__(model, "tokenmill_prompt_attention", holder)
+    return model
 
 
 # ------------------------------------------------------------ batching, scoring
@@ -144,10 +129,6 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-def _last_layer_idx(model: torch.nn.Module) -> int:
-    return model.config.get_text_config().num_hidden_layers - 1
-
-
 @torch.inference_mode()
 def score_sequences(model: torch.nn.Module, sequences: Sequence[np.ndarray], *,
                     prompt_lens: np.ndarray | None = None, batch_tokens: int = 16384,
@@ -156,6 +137,9 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[np.ndarray], *,
     is given (the model must be loaded with capture_attention=True), the last-layer
     attention to the first prompt_lens[i] positions, [T_i] float32."""
     device = next(model.parameters()).device
+    holder: PromptAttention | None = getattr(model, "tokenmill_prompt_attention", None)
+    if prompt_lens is not None and holder is None:
+        raise ValueError(f"{type(model).__name__}: load it with capture_attention=True to get attention")
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     losses = [np.zeros(0, np.float32) for _ in sequences]
     attn = [np.zeros(0, np.float32) for _ in sequences] if prompt_lens is not None else None
@@ -165,23 +149,17 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[np.ndarray], *,
         for r, i in enumerate(idx):
             ids[r, :L[r]] = sequences[i]
         ids_BT = torch.from_numpy(ids).to(device)
-        L_B = torch.from_numpy(L).to(device)
-        mask_BT = (torch.arange(ids.shape[1], device=device)[None, :] < L_B[:, None]).long()
-        capture = None
-        if prompt_lens is not None:
-            capture = _Capture(_last_layer_idx(model), L_B, torch.from_numpy(prompt_lens[idx]).to(device))
-        token = _CAPTURE.set(capture)
-        try:
-            logits = model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).logits
-        finally:
-            _CAPTURE.reset(token)
+        pos_T = torch.arange(ids.shape[1], device=device)
+        mask_BT = (pos_T[None, :] < torch.from_numpy(L).to(device)[:, None]).long()
+        logits = model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False).logits
         loss_BT = token_losses_from_logits(logits, ids_BT).cpu().numpy()
         del logits
-        if capture is not None and capture.result is None:
-            raise RuntimeError(f"{type(model).__name__}: the last layer did not run through the "
-                               f"'{CAPTURE_ATTN}' attention; load it with capture_attention=True "
-                               "(models that bypass transformers' AttentionInterface are unsupported)")
-        attn_BT = capture.result.cpu().numpy() if capture is not None else None
+        attn_BT = None
+        if prompt_lens is not None:
+            # one segment per row; right padding is never a key of a real query (causal)
+            prompt_BT = pos_T[None, :] < torch.from_numpy(prompt_lens[idx]).to(device)[:, None]
+            attn_BT = holder(torch.zeros_like(ids_BT), prompt_BT).cpu().numpy()
+            holder.clear()
         for r, i in enumerate(idx):
             losses[i] = loss_BT[r, :L[r]].copy()
             if attn is not None:
@@ -189,77 +167,28 @@ def score_sequences(model: torch.nn.Module, sequences: Sequence[np.ndarray], *,
     return losses, attn
 
 
-def load_causal_lm(path: str, *, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
-                   capture_attention: bool = False) -> torch.nn.Module:
-    """Load a causal LM from a local directory (never the hub) in eval mode, no grad."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory {path!r} does not exist (models load from local "
-                                "directories only)")
-    from transformers import AutoModelForCausalLM
-    if capture_attention:
-        _register_capture()
-    has_st = any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
-            use_safetensors=True if has_st else None,
-            attn_implementation=CAPTURE_ATTN if capture_attention else None)  # None: HF default (SDPA)
-    except Exception as e:  # transformers raises OSError/ValueError/KeyError... name the path
-        raise ValueError(f"cannot load a causal LM from {path!r}: {type(e).__name__}: {e}") from e
-    model.to(device).eval().requires_grad_(False)
-    return model
-
-
 # ---------------------------------------------------------------- the operator
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ScoreConfig:
-    """TokenScorer parameters (validated on construction).
-
-    current_model / other_model: local HF model directories. other_model is the
-    history model for ssToken (the base model before fine-tuning) and the reference
-    model for Rho-1. batch_tokens: padded tokens per forward pass (rows * longest).
-    """
-    current_model: str
-    other_model: str
-    method: str
-    device: str | None = None
-    dtype: str | None = None
-    batch_tokens: int = 16384
-    trust_remote_code: bool = False
-    gamma: float = 0.5
-    ratio: float = 0.6
-    warmup: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in ("sstoken", "rho1"):
-            raise ValueError(f"TokenScorer method must be 'sstoken' or 'rho1', got {self.method!r} "
-                             "(method 'none' needs no scoring: operators.select.none_mask)")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {self.dtype!r}")
-        if not (isinstance(self.batch_tokens, int) and self.batch_tokens > 0):
-            raise ValueError(f"batch_tokens must be a positive int, got {self.batch_tokens!r}")
-        check_ratio(self.ratio)
-        check_gamma(self.gamma)
-
-
 class TokenScorer(Operator):
-    """Actor-pool operator: adds `loss_mask` and `token_scores` to tokenized documents.
+    """Actor-pool operator: adds `loss_mask`, `token_scores` and `ref_loss` to tokenized documents.
 
-    Reads input_ids list<int32>, target_mask list<uint8>, id; every other column passes
-    through. token_scores: ssToken score or Rho-1 excess loss (nats) at target
-    positions, NaN elsewhere. Rho-1 ranks over all targets of the table passed in.
+    TokenScorer(config, window_len=pack.seq_len), where config is a `SelectConfig` (or a
+    mapping validated as one; errors name `select.<key>`). Reads input_ids list<int32>,
+    target_mask list<uint8>, id; every other column passes through. ref_loss: nats at
+    targets, NaN elsewhere. token_scores: the static ssToken score or Rho-1 excess loss at
+    targets (NaN without a current_model). The static Rho-1 mask ranks over all targets
+    of the table passed in.
     """
     reads: ClassVar[tuple[str, ...]] = (schema.ID, schema.INPUT_IDS, schema.TARGET_MASK)
-    adds: ClassVar[tuple[str, ...]] = (schema.LOSS_MASK, schema.TOKEN_SCORES)
+    adds: ClassVar[tuple[str, ...]] = (schema.LOSS_MASK, schema.TOKEN_SCORES, schema.REF_LOSS)
 
-    def __init__(self, *, current_model: str, other_model: str, method: str, device: str | None = None,
-                 dtype: str | None = None, batch_tokens: int = 16384, trust_remote_code: bool = False,
-                 gamma: float = 0.5, ratio: float = 0.6, warmup: bool = False) -> None:
-        self.config = ScoreConfig(current_model=current_model, other_model=other_model, method=method,
-                                  device=device, dtype=dtype, batch_tokens=batch_tokens,
-                                  trust_remote_code=trust_remote_code, gamma=gamma, ratio=ratio,
-                                  warmup=warmup)
+    def __init__(self, config: SelectConfig | Mapping[str, Any], *, window_len: int | None = None) -> None:
+        self.config = config if isinstance(config, SelectConfig) else SelectConfig.from_dict(config)
+        if self.config.method == "none":
+            raise ValueError("select.method: 'none' needs no scoring (loss_mask = target_mask)")
+        if window_len is not None and (isinstance(window_len, bool) or not isinstance(window_len, int)
+                                       or window_len < 2):
+            raise ValueError(f"window_len must be an int >= 2 (pack.seq_len), got {window_len!r}")
+        self.window_len = window_len
         self._current: torch.nn.Module | None = None  # loaded by setup(), so __init__ stays picklable
         self._other: torch.nn.Module | None = None
         self.vocab_size: int | None = None  # both set by setup() from the models' configs
@@ -268,17 +197,24 @@ class TokenScorer(Operator):
     def setup(self) -> None:
         c = self.config
         device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES[c.dtype] if c.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        dtype = DTYPES[c.dtype] if c.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         kw = dict(device=device, dtype=dtype, trust_remote_code=c.trust_remote_code)
-        current = load_causal_lm(c.current_model, capture_attention=c.method == "sstoken", **kw)
-        other = load_causal_lm(c.other_model, **kw)
-        v_cur, v_oth = (m.config.get_text_config().vocab_size for m in (current, other))
-        if v_cur != v_oth:
-            raise ValueError(f"vocab sizes differ: {c.current_model!r} has {v_cur}, "
-                             f"{c.other_model!r} has {v_oth}; both models must share a tokenizer")
-        self._current, self._other, self.vocab_size = current, other, v_cur
-        positions = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in (current, other)]
+        models = {c.other_model: load_causal_lm(c.other_model, **kw)}
+        if c.current_model is not None:
+            models[c.current_model] = load_causal_lm(c.current_model, capture_attention=c.method == "sstoken", **kw)
+        sizes = {path: m.config.get_text_config().vocab_size for path, m in models.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError("vocab sizes differ: " + ", ".join(f"{p!r} has {v}" for p, v in sizes.items())
+                             + "; both models must share a tokenizer")
+        self._other, self._current = models[c.other_model], models.get(c.current_model)
+        self.vocab_size = next(iter(sizes.values()))
+        positions = [getattr(m.config.get_text_config(), "max_position_embeddings", None) for m in models.values()]
         self.max_len = min((p for p in positions if p), default=None)
+
+    @property
+    def window(self) -> int:
+        """Tokens per scoring window: min(window_len, the models' context)."""
+        return min(w for w in (self.window_len, self.max_len, 1 << 31) if w)
 
     def _documents(self, table: pa.Table) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         ids_col = table.column(schema.INPUT_IDS).combine_chunks()
@@ -304,31 +240,35 @@ class TokenScorer(Operator):
             doc = int(np.searchsorted(offsets, np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0], "right") - 1)
             raise ValueError(f"document {doc_ids[doc]!r}: token id outside the models' vocabulary "
                              f"[0, {self.vocab_size})")
-        if self.max_len is not None and np.diff(offsets).max(initial=0) > self.max_len:
-            doc = int(np.argmax(np.diff(offsets)))
-            raise ValueError(f"document {doc_ids[doc]!r} has {np.diff(offsets)[doc]} tokens, more than "
-                             f"the models' {self.max_len} positions; split long documents before scoring")
         return offsets, np.split(ids, cuts), np.split(tms, cuts)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         check_columns(table, self.reads, type(self).__name__)
-        if self._current is None:
+        if self._other is None:
             self.setup()
+        if table.num_rows:
+            self._documents(table)  # errors name the input document, not a window of it
+        windows, n_win = split_long_documents(table, self.window)
+        return join_windows(table, self._score(windows), n_win)
+
+    def _score(self, table: pa.Table) -> pa.Table:
         c = self.config
         if table.num_rows == 0:
             offsets, sequences, target_masks = np.zeros(1, np.int64), [], []
         else:
             offsets, sequences, target_masks = self._documents(table)
-        if c.method == "sstoken":
+        other, _ = score_sequences(self._other, sequences, batch_tokens=c.batch_tokens)
+        ref_loss = [np.where(tm == 1, x, np.nan).astype(np.float32) for x, tm in zip(other, target_masks)]
+        if self._current is None:
+            selection = none_mask(target_masks)
+        elif c.method == "sstoken":
             cur, attn = score_sequences(self._current, sequences, prompt_lens=prompt_lengths(target_masks),
                                         batch_tokens=c.batch_tokens)
-            hist, _ = score_sequences(self._other, sequences, batch_tokens=c.batch_tokens)
-            selection = sstoken_mask([h - x for h, x in zip(hist, cur)], attn, target_masks,
-                                     gamma=c.gamma, ratio=c.ratio, warmup=c.warmup)
+            selection = sstoken_mask([h - x for h, x in zip(other, cur)], attn, target_masks,
+                                     gamma=c.gamma, ratio=c.ratio)
         else:
             cur, _ = score_sequences(self._current, sequences, batch_tokens=c.batch_tokens)
-            ref, _ = score_sequences(self._other, sequences, batch_tokens=c.batch_tokens)
-            selection = rho1_mask(cur, ref, target_masks, ratio=c.ratio)
+            selection = rho1_mask(cur, other, target_masks, ratio=c.ratio)
         pa_offsets = pa.array(offsets, pa.int32())
 
         def column(parts: list[np.ndarray], dtype: np.dtype, pa_type: pa.DataType) -> pa.Array:
@@ -337,4 +277,5 @@ class TokenScorer(Operator):
 
         out = table.drop_columns([n for n in self.adds if n in table.column_names])  # re-scoring replaces
         out = out.append_column(schema.LOSS_MASK, column(selection.loss_masks, np.uint8, pa.uint8()))
-        return out.append_column(schema.TOKEN_SCORES, column(selection.scores, np.float32, pa.float32()))
+        out = out.append_column(schema.TOKEN_SCORES, column(selection.scores, np.float32, pa.float32()))
+        return out.append_column(schema.REF_LOSS, column(ref_loss, np.float32, pa.float32()))

@@ -1,12 +1,25 @@
 """Token selection: which target tokens keep their loss (ssToken, Rho-1, none).
 
-Pure numpy for the offline pipeline; `masks_from_logits` is the same math for a
-training loop (torch in, torch out). There is one implementation of each formula:
+Pure numpy. There is one implementation of each formula, shared by both paths:
 
-* the per-token loss and the attention-to-prompt reduction live in
-  `operators/score.py` (`token_losses_from_logits`, `prompt_attention_from_probs`)
-  and both the offline scorer and `masks_from_logits` call them;
-* the normalisation, scoring and top-k live here and both paths call them.
+* the per-token loss and the attention-to-prompt reduction are torch and live in
+  `operators/token_loss.py`;
+* the normalisation, scoring and top-k live here: the offline scorer calls them per
+  document (`sstoken_mask`, `rho1_mask`), the online training loss
+  (`operators/selective_loss.py`) per attention segment of packed rows (`select_rows`).
+
+The sample of ssToken is one attention segment: a document, or a piece of a split one.
+Its prompt is its positions before its first target (BOS included). The reference code
+(`jianke0604/ssToken`, `filter_tokens_with_attention_loss`) takes prompt_len = the number
+of masked labels; for a single-turn row that is the same set. For a multi-turn row it is
+not: the reference counts every non-assistant token as "prompt" and ranks positions
+[prompt_len:], which mixes later user turns into the ranking and cuts the first assistant
+turn short; here the candidates are exactly the target tokens of every assistant turn and
+the prompt keys are the positions before the first one. A segment whose prompt is a single
+position (a continuation piece of a split document, or plain text) has only the attention
+sink there, so its attention term is dropped: its score is REL alone (gamma = 1), warm-up
+included. The reference code never sees such segments: it truncates samples at
+max_seq_length.
 
 Conventions (docs/shard-format.md): "token t is a target" means the loss of
 predicting `input_ids[t]` from the tokens before it, so position 0 never has a
@@ -22,12 +35,9 @@ so the masks are deterministic for a given input.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch is only needed by `masks_from_logits`
-    import torch
 
 METHODS = ("sstoken", "rho1", "none")
 MINMAX_EPS = 1e-8  # algorithms.md: added to the min-max denominator
@@ -127,6 +137,29 @@ def _unflatten(flat: _Flat, target_idx: np.ndarray, kept: np.ndarray,
     return Selection(np.split(mask, cuts), np.split(out_scores, cuts))
 
 
+def _no_prompt_gamma(prompt_lens: np.ndarray, gamma: float) -> np.ndarray:
+    """Per-sample gamma: 1 where the prompt is a single position (module doc), else `gamma`."""
+    return np.where(np.asarray(prompt_lens) <= 1, 1.0, gamma)
+
+
+def _sstoken_keep(rel_t: np.ndarray, attn_t: np.ndarray, group_t: np.ndarray, order_t: np.ndarray,
+                  gamma_g: np.ndarray, k_g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, score) over target tokens grouped by sample (`group_t` sorted): score =
+    gamma_g * minmax_g(REL) + (1 - gamma_g) * Attn, top k_g per group, ties to lower order."""
+    score = np.zeros(rel_t.size, dtype=np.float64)
+    if rel_t.size:
+        if not np.all(np.isfinite(rel_t)):
+            raise ValueError("rel_losses must be finite at every target token")
+        groups, starts = np.unique(group_t, return_index=True)
+        lo = np.minimum.reduceat(rel_t, starts)
+        hi = np.maximum.reduceat(rel_t, starts)
+        g = np.searchsorted(groups, group_t)
+        rel_norm = (rel_t - lo[g]) / (hi[g] - lo[g] + MINMAX_EPS)
+        gam = gamma_g[group_t]
+        score = gam * rel_norm + (1.0 - gam) * attn_t
+    return _top_k_per_group(score, group_t, order_t, k_g), score
+
+
 def sstoken_mask(rel_losses_per_doc: Sequence[np.ndarray], attn_per_doc: Sequence[np.ndarray],
                  target_mask_per_doc: Sequence[np.ndarray], *, gamma: float = 0.5,
                  ratio: float = 0.6, warmup: bool = False) -> Selection:
@@ -136,8 +169,8 @@ def sstoken_mask(rel_losses_per_doc: Sequence[np.ndarray], attn_per_doc: Sequenc
         target positions. attn_per_doc[i]: [T_i] last-layer attention from query t to the
         prompt keys, summed over keys and averaged over heads, in [0, 1].
     Score_t = gamma * minmax(REL)_t + (1 - gamma) * Attn_t over the sample's targets;
-    the top ceil(ratio * |R|) targets are kept. `warmup=True` forces gamma = 0 (the
-    reference code's first samples, while current == history).
+    the top ceil(ratio * |R|) targets are kept. `warmup=True` forces gamma = 0 (while
+    current == history). A sample whose prompt is one position uses gamma = 1 (module doc).
     """
     gamma = 0.0 if warmup else check_gamma(gamma)
     ratio = check_ratio(ratio)
@@ -145,22 +178,11 @@ def sstoken_mask(rel_losses_per_doc: Sequence[np.ndarray], attn_per_doc: Sequenc
     lengths = np.diff(flat.offsets)
     rel = _flatten("rel_losses", rel_losses_per_doc, lengths, np.float64)
     attn = _flatten("attn", attn_per_doc, lengths, np.float64)
-
     idx = np.flatnonzero(target)  # target tokens, grouped by document in order
     doc = flat.doc[idx]
-    score = np.zeros(idx.size, dtype=np.float64)
-    if idx.size:
-        rel_t = rel[idx]
-        if not np.all(np.isfinite(rel_t)):
-            raise ValueError("rel_losses must be finite at every target token")
-        docs_with_targets, starts = np.unique(doc, return_index=True)
-        lo = np.minimum.reduceat(rel_t, starts)
-        hi = np.maximum.reduceat(rel_t, starts)
-        g = np.searchsorted(docs_with_targets, doc)
-        rel_norm = (rel_t - lo[g]) / (hi[g] - lo[g] + MINMAX_EPS)
-        score = gamma * rel_norm + (1.0 - gamma) * attn[idx]
+    gamma_g = _no_prompt_gamma(prompt_lengths(target_mask_per_doc), gamma)
     k = num_kept(ratio, np.bincount(doc, minlength=lengths.size))
-    kept = _top_k_per_group(score, doc, flat.pos[idx], k)
+    kept, score = _sstoken_keep(rel[idx], attn[idx], doc, flat.pos[idx], gamma_g, k)
     return _unflatten(flat, idx, kept, score.astype(np.float32))
 
 
@@ -192,50 +214,63 @@ def none_mask(target_masks: Sequence[np.ndarray]) -> Selection:
     return Selection(masks, [np.full(m.size, np.nan, dtype=np.float32) for m in masks])
 
 
-def masks_from_logits(logits_current: "torch.Tensor", logits_history_or_ref: "torch.Tensor",
-                      input_ids: "torch.Tensor", target_mask: "torch.Tensor", method: str, *,
-                      attn_last_layer: "torch.Tensor | None" = None,
-                      prompt_mask: "torch.Tensor | None" = None, gamma: float = 0.5,
-                      ratio: float = 0.6, warmup: bool = False) -> "torch.Tensor":
-    """Loss mask for a training step, from logits the trainer already has (no grad).
+# ------------------------------------------------------- packed rows (online)
+class SegmentLayout(NamedTuple):
+    """Attention segments of a [B, T] batch, numbered globally: `group[b, t]` = b * T + the
+    segment's index in its row (so groups are sorted in row-major order)."""
+    group: np.ndarray        # [B, T] int64
+    prompt_mask: np.ndarray  # [B, T] bool: before the first target of its segment
+    prompt_len: np.ndarray   # [B * T] prompt positions per group (0 for unused group ids)
 
-    logits_*: [B, T, V] from a forward pass on input_ids [B, T] (logits[:, t] predicts
-    token t + 1), right-padded rows, one sample per row. target_mask: [B, T], 0 on
-    padding. attn_last_layer (ssToken only): the current model's last-layer attention
-    probabilities [B, H, T, T] (causal, padding keys masked, e.g. eager attention with
-    output_attentions=True), or the already reduced attention to the prompt [B, T].
-    prompt_mask: [B, T] bool, default = positions before each row's first target.
-    Returns loss_mask [B, T] bool on the logits' device, equal to what the offline
-    TokenScorer writes for the same rows and models.
-    """
-    import torch
 
-    from operators.score import prompt_attention_from_probs, token_losses_from_logits
+def segment_layout(target_BT: np.ndarray, segment_BT: np.ndarray) -> SegmentLayout:
+    """Groups and prompts of packed rows; segment_BT from token_loss.segment_ids_from_positions."""
+    target = np.asarray(target_BT).astype(bool)
+    B, T = target.shape
+    group = (np.arange(B, dtype=np.int64)[:, None] * T + np.asarray(segment_BT, dtype=np.int64)).reshape(-1)
+    flat_idx = np.arange(B * T, dtype=np.int64)
+    first_target = np.full(B * T, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_target, group[target.reshape(-1)], flat_idx[target.reshape(-1)])
+    start = np.full(B * T, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(start, group, flat_idx)
+    prompt_mask = flat_idx < first_target[group]
+    has = first_target < np.iinfo(np.int64).max
+    prompt_len = np.where(has, first_target - np.where(has, start, 0), 0)
+    return SegmentLayout(group.reshape(B, T), prompt_mask.reshape(B, T), prompt_len)
 
+
+def select_rows(method: str, live_BT: np.ndarray, ref_BT: np.ndarray, target_BT: np.ndarray,
+                layout: SegmentLayout, *, attn_BT: np.ndarray | None = None, gamma: float = 0.5,
+                ratio: float = 0.6, warmup: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Selection over a batch of packed rows: (keep [B, T] bool, score [B, T] float32, NaN off
+    target). live/ref: per-token losses in nats (ref = the stored ref_loss). ssToken: per
+    segment, REL = ref - live, as `sstoken_mask`; Rho-1: excess = live - ref, top ratio of
+    every target of the batch, ties to the lower row-major position (as `rho1_mask`)."""
     check_method(method)
-    with torch.no_grad():
-        tm = target_mask.detach().to("cpu", torch.uint8).numpy()
-        rows = list(tm)
-        if method == "none":
-            selection = none_mask(rows)
-        else:
-            cur = token_losses_from_logits(logits_current.detach(), input_ids).cpu().numpy()
-            other = token_losses_from_logits(logits_history_or_ref.detach(), input_ids).cpu().numpy()
-            if method == "rho1":
-                selection = rho1_mask(list(cur), list(other), rows, ratio=ratio)
-            else:
-                if attn_last_layer is None:
-                    raise ValueError("method='sstoken' needs attn_last_layer ([B, H, T, T] or [B, T])")
-                attn = attn_last_layer.detach()
-                if attn.dim() == 4:
-                    if prompt_mask is None:
-                        pl = torch.as_tensor(prompt_lengths(rows), device=attn.device)
-                        prompt_mask = torch.arange(attn.shape[-1], device=attn.device)[None, :] < pl[:, None]
-                    attn = prompt_attention_from_probs(attn, prompt_mask.to(attn.device))
-                elif attn.dim() != 2:
-                    raise ValueError(f"attn_last_layer must be [B, H, T, T] or [B, T], got {tuple(attn.shape)}")
-                attn_np = attn.float().cpu().numpy()
-                selection = sstoken_mask(list(other - cur), list(attn_np), rows,
-                                         gamma=gamma, ratio=ratio, warmup=warmup)
-    mask = np.stack(selection.loss_masks) if rows else np.zeros(tm.shape, dtype=np.uint8)
-    return torch.from_numpy(mask.astype(bool)).to(logits_current.device)
+    ratio = check_ratio(ratio)
+    target = np.asarray(target_BT).astype(bool).reshape(-1)
+    idx = np.flatnonzero(target)
+    live = np.asarray(live_BT, dtype=np.float64).reshape(-1)[idx]
+    ref = np.asarray(ref_BT, dtype=np.float64).reshape(-1)[idx]
+    if not (np.all(np.isfinite(live)) and np.all(np.isfinite(ref))):
+        raise ValueError("losses must be finite at every target token (is ref_loss NaN at a target? "
+                         "the shards' ref_loss must come from the select stage of the same shards)")
+    if method == "sstoken":
+        if attn_BT is None:
+            raise ValueError("method 'sstoken' needs the live model's attention to the prompt (attn_BT)")
+        gamma = 0.0 if warmup else check_gamma(gamma)
+        group = layout.group.reshape(-1)[idx]
+        k = num_kept(ratio, np.bincount(group, minlength=layout.prompt_len.size))
+        attn = np.asarray(attn_BT, dtype=np.float64).reshape(-1)[idx]
+        keep_t, score_t = _sstoken_keep(ref - live, attn, group, idx, _no_prompt_gamma(layout.prompt_len, gamma), k)
+    elif method == "rho1":
+        score_t = live - ref
+        keep_t = _top_k_per_group(score_t, np.zeros(idx.size, np.int64), idx, num_kept(ratio, np.array([idx.size])))
+    else:
+        score_t, keep_t = np.full(idx.size, np.nan), np.ones(idx.size, dtype=bool)
+    keep = np.zeros(target.size, dtype=bool)
+    keep[idx[keep_t]] = True
+    score = np.full(target.size, np.nan, dtype=np.float32)
+    score[idx] = score_t
+    shape = np.asarray(target_BT).shape
+    return keep.reshape(shape), score.reshape(shape)

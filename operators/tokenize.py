@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from operators import schema as S
-from operators.base import Operator, Rejected
+from operators.base import Operator
 from operators.tokenizers import LoadedTokenizer, load_tokenizer
 
 DEFAULT_SFT_TEMPLATE = "[BOS] encode(prompt + '\\n\\n') + encode(response) [EOS]; targets: the response and EOS"
@@ -65,14 +65,15 @@ class Tokenize(Operator):
     adds = (S.INPUT_IDS, S.TARGET_MASK, S.NUM_TOKENS)
 
     def __init__(self, *, spec: str, add_bos: bool | None = None, add_eos: bool = True,
-                 chat_template: str | None = None, read_bytes=None, exists=None):
+                 chat_template: str | None = None, read_bytes=None, exists=None, encoder: str = "auto"):
         self.spec, self.add_bos_cfg, self.add_eos = spec, add_bos, add_eos
         self.chat_template_cfg = chat_template
+        self.encoder = encoder   # auto: a verified fast BPE core when one applies; library: never
         self._io = {k: v for k, v in (("read_bytes", read_bytes), ("exists", exists)) if v is not None}
         self.tok: LoadedTokenizer | None = None
 
     def setup(self) -> None:
-        self.tok = load_tokenizer(self.spec, **self._io)
+        self.tok = load_tokenizer(self.spec, encoder=self.encoder, **self._io)
         self.add_bos = self.tok.default_add_bos if self.add_bos_cfg is None else self.add_bos_cfg
         if self.add_bos and self.tok.bos_id is None:
             raise ValueError(f"{self.spec}: add_bos is set but the tokenizer has no BOS token")
@@ -86,17 +87,11 @@ class Tokenize(Operator):
         t = self.tok
         return {"spec": t.spec, "kind": t.kind, "vocab_size": t.vocab_size, "eos_id": t.eos_id, "pad_id": t.pad_id,
                 "bos_id": t.bos_id if self.add_bos else None, "add_bos": self.add_bos, "add_eos": self.add_eos,
-                "sha256": t.sha256,
+                "sha256": t.sha256, "encoder": t.encoder,
+                **({"encoder_fallback_reason": t.fallback_reason} if t.fallback_reason else {}),
                 "sft_template": "chat_template" if self.template else DEFAULT_SFT_TEMPLATE}
 
     # -- encoding ------------------------------------------------------------------
-
-    def _frame(self, ids: list[int]) -> list[int]:
-        if self.add_bos and (not ids or ids[0] != self.tok.bos_id):
-            ids = [self.tok.bos_id] + ids
-        if self.add_eos and (not ids or ids[-1] != self.tok.eos_id):
-            ids = ids + [self.tok.eos_id]
-        return ids
 
     def encode_plain(self, texts: list[str]) -> tuple[list[list[int]], list[np.ndarray]]:
         bos = [self.tok.bos_id] if self.add_bos else []
@@ -134,7 +129,7 @@ class Tokenize(Operator):
         return out_ids, out_masks
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return self.tokenize(table)[0]
+        return self.tokenize(table)
 
     def _tokenize_plain(self, table: pa.Table) -> pa.Table:
         """All-plain tables (the common case): one flat array, no per-document Python lists.
@@ -160,11 +155,13 @@ class Tokenize(Operator):
         mask[offsets[:-1][lengths > 0]] = 0
         return flat_tokenized_table(table.column(S.ID), ids, mask, offsets, extra=_passthrough(table))
 
-    def tokenize(self, table: pa.Table) -> tuple[pa.Table, Rejected]:
-        """Tokenized rows in input order, plus rows that could not be encoded."""
+    def tokenize(self, table: pa.Table) -> pa.Table:
+        """TOKENIZED_SCHEMA rows (+ domain_id / cluster_id when present), one per input row, in
+        input order. Every row is encoded (any string encodes; the readers quarantine rows that
+        have none), so nothing is rejected here."""
         n = table.num_rows
         if n and table.column(S.TEXT).null_count == 0:
-            return self._tokenize_plain(table), Rejected()
+            return self._tokenize_plain(table)
         texts = table.column(S.TEXT).to_pylist()
         is_sft = [t is None for t in texts]
         ids: list[list[int] | None] = [None] * n
@@ -181,7 +178,7 @@ class Tokenize(Operator):
             got_ids, got_masks = self.encode_sft(prompts, responses)
             for i, a, m in zip(sft_idx, got_ids, got_masks):
                 ids[i], masks[i] = a, m
-        return tokenized_table(table.column(S.ID), ids, masks, extra=_passthrough(table)), Rejected()
+        return tokenized_table(table.column(S.ID), ids, masks, extra=_passthrough(table))
 
 
 def _passthrough(table: pa.Table) -> dict[str, pa.ChunkedArray]:

@@ -8,6 +8,11 @@ Encoding rules (the shards' contract):
   would pad or silently cut documents);
 * BOS/EOS are added by the caller from `bos_id` / `eos_id` below.
 
+With `encoder="auto"` (the default) tiktoken encodings and convertible HF byte-level BPE
+files encode document text through a faster Rust BPE core that was verified at load to
+give the library's ids (operators/fast_bpe.py); `encoder` names what does, and
+`fallback_reason` why it is the library when a fast core was refused.
+
 Files are read through `pipeline.storage`-compatible callables passed in, so
 tokenizers can live on object storage; default is the local filesystem.
 """
@@ -46,6 +51,9 @@ class LoadedTokenizer:
     eos_token: str | None = None
     _encode_text: Callable[[list[str]], list[list[int]]] | None = None
     _encode_markup: Callable[[str], list[int]] | None = None
+    _decode: Callable[[list[int]], str] | None = None
+    encoder: str = "library"        # what encodes document text: riptoken, bpe-core:riptoken, hf-tokenizers, ...
+    fallback_reason: str | None = None  # why the library encodes it although a fast core was tried
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, special-looking text encoded as text."""
@@ -55,22 +63,36 @@ class LoadedTokenizer:
         """Template markup: special-token strings become their special ids."""
         return self._encode_markup(text)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens as their text; bytes that do not complete a UTF-8
+        character decode to U+FFFD (for display, e.g. the run report; not used to write shards)."""
+        return self._decode([int(i) for i in ids])
 
-def load_tokenizer(spec: str, read_bytes: ReadBytes = _read_local, exists: Callable[[str], bool] = _exists_local) -> LoadedTokenizer:
+
+ENCODERS = ("auto", "library")
+
+
+def load_tokenizer(spec: str, read_bytes: ReadBytes = _read_local, exists: Callable[[str], bool] = _exists_local,
+                   encoder: str = "auto") -> LoadedTokenizer:
+    """`encoder`: "auto" uses a verified fast core when one applies, "library" never does."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     kind, _, where = spec.partition(":")
     if kind == "tiktoken":
-        return _load_tiktoken(spec, where)
+        return _load_tiktoken(spec, where, encoder)
     if kind == "sentencepiece":
         return _load_sentencepiece(spec, where, read_bytes)
     if kind == "hf":
-        return _load_hf(spec, where, read_bytes, exists)
+        return _load_hf(spec, where, read_bytes, exists, encoder)
     raise ValueError(f"unknown tokenizer spec {spec!r}: use hf:, tiktoken: or sentencepiece:")
 
 
 # --- tiktoken -------------------------------------------------------------------
 
-def _load_tiktoken(spec: str, name: str) -> LoadedTokenizer:
+def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokenizer:
     import tiktoken
+
+    from operators.fast_bpe import fast_tiktoken
     try:
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # unknown name, or a download attempted offline
@@ -82,11 +104,14 @@ def _load_tiktoken(spec: str, name: str) -> LoadedTokenizer:
         h.update(rank.to_bytes(4, "little") + token)
     h.update(json.dumps(enc._special_tokens, sort_keys=True).encode())
     eos = enc.eot_token
+    fast = fast_tiktoken(enc, encoder)
     return LoadedTokenizer(
         kind="tiktoken", spec=spec, vocab_size=enc.n_vocab, eos_id=eos, bos_id=None, pad_id=eos,
         sha256=h.hexdigest(), default_add_bos=False,
-        _encode_text=lambda texts: [enc.encode_ordinary(t) for t in texts],
+        _encode_text=fast.encode_texts or (lambda texts: [enc.encode_ordinary(t) for t in texts]),
         _encode_markup=lambda text: enc.encode(text, allowed_special="all"),
+        _decode=lambda ids: enc.decode(ids, errors="replace"),
+        encoder=fast.encoder, fallback_reason=fast.fallback_reason,
     )
 
 
@@ -113,6 +138,8 @@ def _load_sentencepiece(spec: str, path: str, read_bytes: ReadBytes) -> LoadedTo
         eos_token=sp.id_to_piece(eos) if eos is not None else None,
         _encode_text=lambda texts: sp.encode(texts),
         _encode_markup=lambda text: sp.encode(text),
+        _decode=lambda ids: sp.decode(ids),
+        encoder="sentencepiece",
     )
 
 
@@ -127,8 +154,11 @@ def _token_content(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str], bool]) -> LoadedTokenizer:
+def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str], bool],
+             encoder: str = "auto") -> LoadedTokenizer:
     from tokenizers import Tokenizer
+
+    from operators.fast_bpe import fast_hf
     is_dir = not where.endswith(".json")
     tok_path = os.path.join(where, "tokenizer.json") if is_dir else where
     try:
@@ -191,11 +221,14 @@ def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str
         tok.encode_special_tokens = False
         return tok.encode(text, add_special_tokens=False).ids
 
+    fast = fast_hf(json.loads(tok_bytes), encode_text, encoder)
     return LoadedTokenizer(
         kind="hf", spec=spec, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos, bos_id=bos,
         pad_id=pad, sha256=hashlib.sha256(tok_bytes + config_bytes).hexdigest(), default_add_bos=default_add_bos,
         chat_template=chat_template,
         bos_token=tok.id_to_token(bos) if bos is not None else None,
         eos_token=tok.id_to_token(eos) if eos is not None else None,
-        _encode_text=encode_text, _encode_markup=encode_markup,
+        _encode_text=fast.encode_texts or encode_text, _encode_markup=encode_markup,
+        _decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
+        encoder=fast.encoder, fallback_reason=fast.fallback_reason,
     )

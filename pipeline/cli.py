@@ -1,4 +1,4 @@
-"""`tokenmill` command line: run, demo, inspect, submit."""
+"""`tokenmill` command line: run, demo, inspect, report, export, submit."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ def _run(args) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run
     config = load_config(args.config, args.set)
-    outputs = run(config, address=args.address)
+    outputs = run(config, address=args.address, verbose=args.verbose)
     for name, manifest in outputs.items():
         print(f"{name}: {manifest}")
     return 0
@@ -22,8 +22,32 @@ def _demo(args) -> int:
 
 
 def _inspect(args) -> int:
-    from pipeline.inspect import inspect_run
+    from pipeline.inspect_run import inspect_run
     print(inspect_run(args.run_dir, verify=args.verify))
+    return 0
+
+
+def _report(args) -> int:
+    from pipeline.report import write_report
+    try:
+        print(write_report(args.run_dir, args.out))
+    except FileNotFoundError as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _export(args) -> int:
+    from pipeline.export import ExportError, export_run
+    try:
+        results = export_run(args.run_dir, args.format, tokenizer=args.tokenizer, out=args.out,
+                             allow_drop_masks=args.allow_drop_masks)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        return 2
+    for m in results:
+        counts = " ".join(f"{k}={v}" for k, v in m["counts"].items())
+        print(f"{m['tokenizer']['name']}: {m['format']} {counts}{' (already done)' if m.get('skipped') else ''}")
     return 0
 
 
@@ -40,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config file")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    r.add_argument("--verbose", action="store_true", help="show Ray's own logs and status messages")
     r.set_defaults(func=_run)
 
     d = sub.add_parser("demo", help="run the main job offline on an embedded default corpus")
@@ -52,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("run_dir")
     i.add_argument("--verify", action="store_true", help="re-read every shard: sha256, counts and invariants")
     i.set_defaults(func=_inspect)
+
+    rp = sub.add_parser("report", help="write a run's story as one HTML page (opens offline)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="where to write it (default: RUN_DIR/report.html)")
+    rp.set_defaults(func=_report)
+
+    from pipeline.export import FORMATS
+    e = sub.add_parser("export", help="export a run's shards to a trainer's format (Megatron, DataTrove, OLMo, HF)")
+    e.add_argument("run_dir")
+    e.add_argument("--format", required=True, choices=list(FORMATS))
+    e.add_argument("--tokenizer", default=None, help="only this tokenizer's shards (default: all)")
+    e.add_argument("--out", default=None, help="output root, files go to OUT/<tokenizer>/ (default: RUN_DIR/exports/FORMAT)")
+    e.add_argument("--allow-drop-masks", action="store_true",
+                   help="let a format without per-token loss masks (megatron) drop selection and SFT masks")
+    e.set_defaults(func=_export)
 
     s = sub.add_parser("submit", help="submit a config as a Ray job to a cluster (Jobs API)")
     try:
@@ -69,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     from pipeline.config import ConfigError
+    from pipeline.layout import RunDirInUse, StageError
+    from pipeline.storage import StorageError
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, RunDirInUse, StageError, StorageError) as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
 

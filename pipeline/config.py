@@ -15,6 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from operators.cluster_config import ClusterConfig
+from operators.dedup_config import DecontamConfig, DedupConfig
+from operators.mixture.search import SearchKnobs
+from operators.proxy_config import ProxyConfig
+from operators.select_config import SelectConfig  # the select: block lives next to its operator
 from pipeline import storage
 
 
@@ -77,8 +82,9 @@ class SourceConfig(_Strict):
 
 
 class ReadConfig(_Strict):
-    chunk_bytes: int = Field(8 << 20, ge=1 << 10, description="text bytes per read part (and per shard)")
+    chunk_bytes: int = Field(8 << 20, ge=1 << 10, description="text bytes per read part (staged path: per shard)")
     max_doc_chars: int = Field(50_000_000, ge=1, description="longer documents are quarantined")
+    range_bytes: int = Field(32 << 20, ge=1 << 10, description="fused path: input bytes per task for plain line files")
 
 
 class TokenizerConfig(_Strict):
@@ -87,6 +93,9 @@ class TokenizerConfig(_Strict):
     add_bos: bool | None = None   # None: the tokenizer's own default (HF/SentencePiece)
     add_eos: bool = True
     chat_template: str | None = None  # a Jinja template overriding the tokenizer's own
+    # auto: a fast BPE core verified at load to give the library's ids (tiktoken encodings,
+    # convertible HF byte-level BPE files); library: always the tokenizer library itself
+    encoder: Literal["auto", "library"] = "auto"
 
     @field_validator("spec")
     @classmethod
@@ -127,74 +136,21 @@ class EmbedSection(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
-class PruneSection(_Strict):
-    min_quality: float = Field(3.0, ge=0, le=5)
-    classifier: str | None = None     # a joblib file (operators/quality.py); default: heuristics
+class MixtureSection(SearchKnobs):
+    """CLIMB mixture search (algorithms.md) and sampling the corpus to the mixture found.
 
-
-class MergeSection(_Strict):
-    num_domains: int | None = Field(None, ge=1)
-    distance: float | None = Field(None, gt=0)
-    refine: bool = True               # Lloyd refinement of the merged domains (operators/climb_config.py)
-    restarts: int = Field(10, ge=1)   # refined Ward merges; the lowest within-domain SSE wins
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.num_domains is None) == (self.distance is None):
-            raise ValueError("give exactly one of num_domains or distance")
-        return self
-
-
-class ClusterSection(_Strict):
-    k_init: int = Field(1000, ge=1)
-    sample_size: int = Field(200_000, ge=1)
-    seed: int = Field(0, ge=0)
-    prune: PruneSection | None = None
-    merge: MergeSection = MergeSection(distance=1.5)
-    report_sample: int = Field(20_000, ge=1, description="documents read back for top terms and examples")
-
-    @model_validator(mode="after")
-    def _sizes(self):
-        if self.sample_size < self.k_init:
-            raise ValueError(f"sample_size ({self.sample_size}) must be >= k_init ({self.k_init})")
-        return self
-
-
-class ProxySection(_Strict):
-    """The small causal LM trained per candidate mixture (operators/proxy.py)."""
-    hidden: int = Field(64, ge=1)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    seq_len: int = Field(128, ge=2)
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    init_from: str | None = None      # a local checkpoint to continue from
-
-
-class MixtureSection(_Strict):
-    """CLIMB mixture search (algorithms.md) and sampling the corpus to the mixture found."""
+    The search knobs (rounds, seed, num_draws, max_epochs) and their rules come from
+    operators/mixture/search.py's SearchKnobs; `proxy` is operators/proxy_config.py's ProxyConfig."""
     target: SourceConfig | None = None  # validation loss on this corpus (default metric)
     task: str | None = None             # or: multiple-choice JSON Lines {question, choices, answer}
-    rounds: list[int] = Field(default_factory=lambda: [64, 32, 16], min_length=1)
     budget_tokens: int = Field(ge=1)
     tokenizer: str | None = None        # whose tokens proxies train on and the budget counts; default: first
-    proxy: ProxySection = ProxySection()
-    seed: int = Field(0, ge=0)
-    num_draws: int = Field(100_000, ge=1)
-    max_epochs: float = Field(15, gt=0)
+    proxy: ProxyConfig = ProxyConfig()
     domain_tokens: int = Field(4_000_000, ge=1, description="tokens kept per domain as proxy training data")
+    proxy_vocab: int | None = Field(8192, ge=1, description="most frequent token ids proxies see; the rest share one id")
     target_rows: int = Field(256, ge=1, description="rows of proxy.seq_len tokens the target loss averages")
     num_cpus: float = Field(1.0, gt=0, description="per proxy run (its torch threads)")
     num_gpus: float | None = Field(None, ge=0, description="per proxy run; default 1 when the cluster has GPUs")
-
-    @field_validator("rounds")
-    @classmethod
-    def _rounds(cls, v):
-        if any(r < 1 for r in v):
-            raise ValueError("every round needs at least one proxy")
-        return v
 
     @model_validator(mode="after")
     def _one_metric(self):
@@ -203,41 +159,29 @@ class MixtureSection(_Strict):
         return self
 
 
-class SelectConfig(_Strict):
-    """Token selection (algorithms.md): ssToken for SFT data, Rho-1 for pre-training data."""
-    method: Literal["sstoken", "rho1", "none"]
-    current_model: str | None = None
-    history_model: str | None = None     # sstoken: the model before fine-tuning
-    reference_model: str | None = None   # rho1: the reference model trained on curated data
-    gamma: float = Field(0.5, ge=0, le=1)
-    ratio: float = Field(0.6, gt=0, le=1)
-    warmup_docs: int = Field(0, ge=0, description="the first N documents use gamma=0 (attention only)")
-    tokenizer: str | None = None         # whose shards get selected; default: the first tokenizer
-    docs_per_batch: int = Field(64, ge=1, description="documents per scoring call (Rho-1 ranks within it)")
-    batch_tokens: int = Field(16384, ge=1, description="padded tokens per forward pass")
-    actors: int = Field(1, ge=1)
-    num_gpus: float | None = Field(None, ge=0, description="per actor; default 1 when the cluster has GPUs")
-    num_cpus: float = Field(0.25, gt=0, description="per actor; fractional so actors never starve other tasks")
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    trust_remote_code: bool = False
-
-    @model_validator(mode="after")
-    def _models(self):
-        other = {"sstoken": "history_model", "rho1": "reference_model"}.get(self.method)
-        if other and (self.current_model is None or getattr(self, other) is None):
-            raise ValueError(f"method {self.method} needs current_model and {other}")
-        return self
+class FilterConfig(_Strict):
+    """A user document filter (pipeline/stages/filter.py): `module:function(table, **params) -> keep-mask`."""
+    callable: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    params: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = None           # the reason dropped rows are counted under; default: the function name
 
     @property
-    def other_model(self) -> str | None:
-        return self.history_model if self.method == "sstoken" else self.reference_model
+    def label(self) -> str:
+        return self.name or self.callable.rpartition(":")[2]
+
+
+class DecontaminateSection(DecontamConfig):
+    """Remove documents sharing an `ngram`-word n-gram with an eval set (operators/decontam.py);
+    the eval sets are given like any source."""
+    sources: list[SourceConfig] = Field(min_length=1)
 
 
 class OutputConfig(_Strict):
     compression: Literal["zstd", "none"] = "zstd"
     compression_level: int | None = None
     rows_per_batch: int = Field(256, ge=1, description="rows per Arrow record batch")
+    shard_bytes: int = Field(128 << 20, ge=1 << 10, description="fused path: packed bytes per shard (before compression)")
+    shard_rows: int | None = Field(None, ge=1, description="fused path: rows per shard (instead of shard_bytes)")
 
 
 class RayConfig(_Strict):
@@ -246,18 +190,40 @@ class RayConfig(_Strict):
     num_gpus: float | None = Field(None, ge=0)
 
 
+class ExportEntry(_Strict):
+    """One export run at the end of a run (pipeline/export/): `tokenmill export`'s options."""
+    format: str
+    tokenizer: str | None = None       # default: every tokenizer's shards
+    out: str | None = None             # default: run_dir/exports/<format>; files go to OUT/<tokenizer>/
+    allow_drop_masks: bool = False     # let a format without loss masks (megatron) drop selection/SFT masks
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pipeline.export import FORMATS
+        if v not in FORMATS:
+            raise ValueError(f"unknown export format {v!r}; choose one of {sorted(FORMATS)}")
+        return v
+
+
 class Config(_Strict):
     run_dir: str
     sources: list[SourceConfig] = Field(min_length=1)
     read: ReadConfig = ReadConfig()
+    filters: list[FilterConfig] = Field(default_factory=list)
+    dedup: DedupConfig | None = None  # operators/dedup_config.py; runs before embed
+    decontaminate: DecontaminateSection | None = None  # runs before embed
+    fused: bool = True                # read+tokenize+pack in one streaming stage when nothing sits between
     embed: EmbedSection | None = None
-    cluster: ClusterSection | None = None
+    cluster: ClusterConfig | None = None  # operators/cluster_config.py
     tokenize: TokenizeConfig | None = None
     mixture: MixtureSection | None = None
     select: SelectConfig | None = None
     pack: PackConfig | None = None
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
+    export: list[ExportEntry] = Field(default_factory=list)  # pipeline/export/
+    keep_intermediate: bool = False   # keep every stage's parts; by default removed once no later stage reads them
 
     @model_validator(mode="after")
     def _chain(self):
@@ -277,7 +243,21 @@ class Config(_Strict):
             names = [t.name for t in self.tokenize.tokenizers]
             if self.select.tokenizer is not None and self.select.tokenizer not in names:
                 raise ValueError(f"select.tokenizer {self.select.tokenizer!r} is not one of the tokenizers {names}")
+        for i, e in enumerate(self.export):
+            if self.pack is None:
+                raise ValueError(f"export.{i}: exports read the shards, so the run needs a pack section")
+            names = [t.name for t in self.tokenize.tokenizers]
+            if e.tokenizer is not None and e.tokenizer not in names:
+                raise ValueError(f"export.{i}.tokenizer {e.tokenizer!r} is not one of the tokenizers {names}")
         return self
+
+    @property
+    def plain_path(self) -> bool:
+        """Read, tokenize and pack fused in one streaming stage (pipeline/stages/plain.py): when no
+        stage between reading and packing needs the documents as a whole."""
+        return (self.fused and self.tokenize is not None and self.pack is not None and not self.filters
+                and self.embed is None and self.mixture is None and self.selected_tokenizer is None
+                and self.dedup is None and self.decontaminate is None)
 
     @property
     def selected_tokenizer(self) -> str | None:
@@ -288,7 +268,7 @@ class Config(_Strict):
 
     def content_sha256(self) -> str:
         """Hash of everything that decides the output (not where it goes or how it runs)."""
-        body = self.model_dump(mode="json", exclude={"run_dir", "ray"})
+        body = self.model_dump(mode="json", exclude={"run_dir", "ray", "export", "keep_intermediate"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -328,6 +308,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "value_error":  # a model's own rule: its message says it all
+            msg = str(e["ctx"]["error"])
         lines.append(f"  {loc}: {msg}")
     return f"invalid config {origin}:\n" + "\n".join(lines)
 
@@ -375,6 +357,10 @@ def check_inputs(config: Config) -> None:
             kind, _, where = tok.spec.partition(":")
             if kind in ("hf", "sentencepiece") and not storage.exists(where):
                 problems.append(f"  tokenize.tokenizers.{i}.spec: file not found: {where}")
+    if config.decontaminate is not None:
+        for i, src in enumerate(config.decontaminate.sources):
+            if src.resolved_format != "hf" and not storage.glob(src.path):
+                problems.append(f"  decontaminate.sources.{i}.path: no file matches {src.path!r}")
     if config.embed is not None and config.embed.model is not None and not storage.exists(config.embed.model):
         problems.append(f"  embed.model: model directory not found: {config.embed.model}")
     if config.cluster is not None and config.cluster.prune and config.cluster.prune.classifier \

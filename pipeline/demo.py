@@ -103,9 +103,9 @@ def _train_selection_models(sft: list[dict], sp_path: str, out_dir: str) -> tupl
                              for r in sft])
     seq_len = 128
     rows = stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
-    cfg = ProxyConfig(hidden=32, layers=2, heads=2, seq_len=512, steps=40, batch_size=8, seed=0)
-    build_proxy(sp.get_piece_size(), cfg).save_pretrained(base_dir)
-    trained = train_proxy(rows, sp.get_piece_size(), ProxyConfig(**{**cfg.__dict__, "init_from": base_dir}))
+    cfg = ProxyConfig(hidden=32, layers=2, heads=2, seq_len=512, steps=40, batch_size=8)
+    build_proxy(sp.get_piece_size(), cfg, seed=0).save_pretrained(base_dir)
+    trained = train_proxy(rows, sp.get_piece_size(), cfg.model_copy(update={"init_from": base_dir}), seed=0)
     trained.save_pretrained(current_dir)
     return base_dir, current_dir
 
@@ -160,7 +160,7 @@ def demo_config(run_dir: str, paths: dict[str, str]) -> dict:
 
 def run_demo(run_dir: str, overrides: list[str] | None = None, address: str | None = None) -> int:
     from pipeline.config import apply_override, parse_config
-    from pipeline.inspect import inspect_run, verify_shards
+    from pipeline.inspect_run import inspect_run, verify_shards
     from pipeline.runner import run, say
     run_dir = os.path.abspath(run_dir) if not storage.is_uri(run_dir) else run_dir
     say(f"building the demo corpus from installed packages and the standard library under {run_dir}/demo_input")

@@ -49,3 +49,13 @@ def write_manifest(shard_dir: str, manifest: dict) -> None:
 
 def read_manifest(shard_dir: str) -> dict:
     return json.loads(storage.read_text(storage.join(shard_dir, "manifest.json")))
+
+
+def write_shard(shard_dir: str, file: str, docs: pa.Table, *, pack, output, pad_id: int) -> dict:
+    """Pack tokenized documents into the shard `file`; returns its record (file, bytes, sha256,
+    pack statistics) for the manifest. `pack`/`output`: the config sections."""
+    from operators.pack import pack_table
+    rows, stats = pack_table(docs, seq_len=pack.seq_len, pad_id=pad_id, method=pack.method)
+    written = write_table(storage.join(shard_dir, file), rows, compression=output.compression,
+                          rows_per_batch=output.rows_per_batch, level=output.compression_level)
+    return {"file": file, **written, "stats": stats.__dict__}

@@ -11,7 +11,7 @@ import pytest
 
 from operators import schema as S
 from pipeline.config import parse_config
-from pipeline.inspect import verify_shards
+from pipeline.inspect_run import verify_shards
 from pipeline.runner import run
 from tests.conftest import shared_rows, write_jsonl_zst
 
@@ -72,7 +72,7 @@ def test_embed_cluster_assign_and_domains_in_shards(local_ray, corpus, tmp_path)
     assert all(c["top_terms"] for c in report["clusters"] if c["num_docs"] and c["domain_id"] is not None)
 
     # pruned documents are filtered at tokenize, counted; the shards carry domain ids
-    tok = json.loads((tmp_path / "tokenize" / "cl100k" / "_SUCCESS.json").read_text())
+    tok = json.loads((tmp_path / "tokenize" / "_SUCCESS.json").read_text())
     assert tok["rows_filtered"] == len(pruned_ids) and tok["rows_in"] == n_docs
     counts = verify_shards(str(tmp_path / "shards" / "cl100k"))
     assert counts["docs"] == n_docs - len(pruned_ids)
@@ -108,7 +108,7 @@ def test_logical_gpus_give_each_actor_its_own(corpus, tmp_path):
                         "--set", "embed.actors=2", "--set", "embed.num_gpus=1", "--set", "embed.num_cpus=0.5"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    workers = [json.loads(p.read_text())["worker"] for p in (tmp_path / "run" / "embed" / "done").glob("*.json")]
+    workers = [json.loads(p.read_text())["data"]["worker"] for p in (tmp_path / "run" / "embed" / "done").glob("*.json")]
     assert len(workers) >= 2
     gpus_by_pid = {}
     for w in workers:

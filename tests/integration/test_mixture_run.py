@@ -8,7 +8,7 @@ import pytest
 
 from operators import schema as S
 from pipeline.config import parse_config
-from pipeline.inspect import verify_shards
+from pipeline.inspect_run import verify_shards
 from pipeline.runner import run
 from tests.conftest import shared_rows, write_jsonl_zst
 
@@ -83,7 +83,9 @@ def test_search_schedule_math_weight_realised_and_resume(local_ray, corpus, tmp_
     assert repeated > 0  # the budget exceeds the math domain's tokens: copies named <id>#<copy>
 
     # the multiple-choice alternative scores a proxy by log-likelihood on the same prepared data
-    from pipeline.mixture import proxy_trial_item
+    from pipeline.layout import RunLayout
+    from pipeline.stages.base import Context
+    from pipeline.stages.mixture import Trial, proxy_trial
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps({"question": "Natalia sold clips to 48 of her friends in April, and then",
                                       "choices": ["she sold half as many clips in May.", "zebra quantum violin"],
@@ -91,10 +93,10 @@ def test_search_schedule_math_weight_realised_and_resume(local_ray, corpus, tmp_
     data = config(corpus, a).model_dump()
     data["mixture"].update(target=None, task=str(mc))
     from pipeline.config import Config
-    res = proxy_trial_item(Config.model_validate(data), str(a), {
-        "name": "mc", "round": 9, "index": 0, "seed": 0, "vocab_size": len(np.load(a / "mixture" / "data" / "vocab.npy")) + 1,
-        "weights": result["weights"]})
-    assert 0.0 <= res["score"] <= 1.0
+    res = proxy_trial(Context(Config.model_validate(data), RunLayout(str(a))), Trial(
+        "mc", round=9, index=0, seed=0, vocab_size=len(np.load(a / "mixture" / "data" / "vocab.npy")) + 1,
+        weights=result["weights"]))
+    assert 0.0 <= res.data["score"] <= 1.0
 
     # a search killed in round 3 resumes from its finished trials to the same result and bytes
     b = tmp_path / "b"

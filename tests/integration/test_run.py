@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import parse_config
-from pipeline.inspect import reassemble, verify_shards
+from pipeline.inspect_run import reassemble, verify_shards
 from pipeline.runner import run
 from tests.conftest import shared_rows, write_jsonl_zst
 
@@ -109,7 +109,7 @@ def test_run_exact_ids_masks_quarantine_and_rerun(local_ray, corpus, tmp_path, h
     # a crash after some items (their markers gone, stage markers gone) resumes to the same bytes
     for stage_marker in run_b.rglob("_SUCCESS.json"):
         stage_marker.unlink()
-    for i, done in enumerate(sorted((run_b / "pack" / "cl100k" / "done").glob("*.json"))):
+    for i, done in enumerate(sorted((run_b / "plain" / "done").glob("*.json"))):
         if i % 2:
             done.unlink()
     (run_b / "shards" / "cl100k" / "manifest.json").unlink()
@@ -122,7 +122,8 @@ def test_run_dir_with_another_config_is_refused(local_ray, corpus, tmp_path, hf_
     from pipeline.config import ConfigError
     d, _ = corpus
     cfg = make_config(d, tmp_path / "r", hf_bpe_dir, sp_model)
-    from pipeline.runner import RunLayout, prepare_run_dir
+    from pipeline.layout import RunLayout
+    from pipeline.runner import prepare_run_dir
     prepare_run_dir(cfg, RunLayout(str(tmp_path / "r")))
     with pytest.raises(ConfigError, match="different config"):
         run(make_config(d, tmp_path / "r", hf_bpe_dir, sp_model, seq_len=128))

@@ -26,7 +26,7 @@ import pytest
 import zstandard
 
 pytest.importorskip("moto", reason="needs moto[server]")
-from pipeline.inspect import inspect_run, reassemble, verify_shards  # noqa: E402
+from pipeline.inspect_run import inspect_run, reassemble, verify_shards  # noqa: E402
 from pipeline.sink import read_manifest  # noqa: E402
 from pipeline.submit import submit_job  # noqa: E402
 from tests.conftest import shared_rows  # noqa: E402
@@ -138,7 +138,7 @@ def test_job_writes_verified_shards_to_object_storage(first_job):
     assert manifest["seq_len"] == SEQ_LEN and len(manifest["shards"]) > 2
     read = json.loads(client.get_object(Bucket=BUCKET, Key="runs/r1/read/_SUCCESS.json")["Body"].read())
     assert (read["rows_in"], read["rows_out"], read["rows_quarantined"]) == (good + 3, good, 3)
-    assert sorted(i["path"] for i in read["items"]) == [f"s3://{BUCKET}/in/{n}" for n in
+    assert sorted(i["data"]["path"] for i in read["items"]) == [f"s3://{BUCKET}/in/{n}" for n in
                                                         ("broken.jsonl", "news-a.jsonl.zst", "news-b.jsonl.zst",
                                                          "sft.jsonl.zst")]
 

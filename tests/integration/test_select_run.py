@@ -10,7 +10,7 @@ import pytest
 from operators import schema as S
 from operators.score import TokenScorer
 from pipeline.config import parse_config
-from pipeline.inspect import reassemble, verify_shards
+from pipeline.inspect_run import reassemble, verify_shards
 from pipeline.runner import run
 from tests.conftest import shared_rows, write_jsonl_zst
 from tests.unit.tiny_models import make_tiny_causal_lm
@@ -76,13 +76,15 @@ def test_sstoken_config_as_written(local_ray, tmp_path, sft_file, checkpoints):
 
     # A part with no documents left (all pruned upstream) is scored to an empty table with the columns.
     from pipeline.sink import read_table, write_table
-    from pipeline.stages import RunLayout, SelectWorker
+    from pipeline.layout import RunLayout
+    from pipeline.stages.base import Context, Resources
+    from pipeline.stages.select import Part, SelectWorker
     layout = RunLayout(str(tmp_path))
     part = read_table(layout.part("tokenize/m", sorted((tmp_path / "tokenize" / "m" / "parts").glob("*.arrow"))[0].stem))
     write_table(layout.part("tokenize/m", "empty"), part.slice(0, 0), compression=None)
-    worker = SelectWorker(config=config(tmp_path, path, checkpoints, select), run_dir=str(tmp_path))
-    result = worker({"tokenizer_name": "m", "name": "empty", "first_doc": 0})
-    assert result["rows_in"] == result["rows_out"] == result["loss_tokens"] == 0
+    worker = SelectWorker(Context(config(tmp_path, path, checkpoints, select), layout), Resources())
+    result = worker(Part("empty", "tokenize/m", "m", 0))
+    assert result.rows_in == result.rows_out == result.data["loss_tokens"] == 0
     assert S.LOSS_MASK in read_table(layout.part("select/m", "empty")).column_names
     verify_shards(str(tmp_path / "shards" / "m"))
     docs = reassemble(str(tmp_path / "shards" / "m"))

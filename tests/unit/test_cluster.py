@@ -1,20 +1,22 @@
 """k-means fit/assign, quality scorers, Ward merge, report and configs (no model, no Ray)."""
-import dataclasses
 import json
 import pickle
 
 import joblib
 import numpy as np
 import pyarrow as pa
+import pydantic
 import pytest
 
 from operators import schema
-from operators.climb_config import ClusterConfig, EmbedConfig, MergeConfig, PruneConfig
 from operators.cluster import (PRUNED, ClusterAssigner, ClusterFit, assign_domains, fit_clusters, kmeans_assign,
                                kmeans_fit, merge_ward)
+from operators.cluster_config import ClusterConfig, MergeConfig, PruneConfig
 from operators.cluster_report import build_cluster_report, cluster_counts, whitespace_word_counts
 from operators.quality import HEURISTIC_SIGNALS, ClassifierScorer, QualityScorer, heuristic_features
+from pipeline.config import ConfigError, parse_config
 from tests.conftest import shared_rows
+
 JUNK = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "#$%^&*()!@ %^&*( !@#$% ^&*()_+ {}|:<> ?~` ><>< ### $$$ %%%",
         "buy now buy now buy now buy now buy now buy now buy now buy now",
@@ -95,7 +97,7 @@ def test_pruned_clusters_get_null_domain(tmp_path):
                            merge=MergeConfig(num_domains=3))
     fit = fit_clusters(x, config, quality_N=quality)
     fit.save(tmp_path)
-    assigner = pickle.loads(pickle.dumps(ClusterAssigner(fit_dir=str(tmp_path))))  # as Ray ships it
+    assigner = pickle.loads(pickle.dumps(ClusterAssigner(fit_dir=str(tmp_path))))  # loads nothing until used
     out = assigner(embedding_table(x))
     domain = out.column(schema.DOMAIN_ID)
     assert out.schema.field(schema.DOMAIN_ID).type == pa.int32()
@@ -232,13 +234,19 @@ def test_report_counts_balance(prose):
 
 # --- configs -----------------------------------------------------------------
 
-def test_config_from_dict_matches_the_yaml():
-    cluster = ClusterConfig.from_dict({"k_init": 1000, "sample_size": 200000,
-                                       "prune": {"min_quality": 3.0}, "merge": {"num_domains": 20}})
+def cluster_section(data: dict) -> ClusterConfig:
+    """`data` as the `cluster:` block of a config, loaded the way `tokenmill run` loads it."""
+    return parse_config({"run_dir": "r", "sources": [{"path": "a.jsonl"}], "embed": {}, "cluster": data}).cluster
+
+
+def test_the_yaml_block_is_the_operator_config():
+    cluster = cluster_section({"k_init": 1000, "sample_size": 200000,
+                               "prune": {"min_quality": 3.0}, "merge": {"num_domains": 20}})
+    assert type(cluster) is ClusterConfig  # one tree: what the YAML gives is what fit_clusters takes
     assert cluster.prune == PruneConfig(min_quality=3.0) and cluster.merge == MergeConfig(num_domains=20)
-    assert ClusterConfig.from_dict({}).merge == MergeConfig(distance=1.5) and ClusterConfig().prune is None
-    assert EmbedConfig.from_dict({"model": "/models/x", "max_seq_length": 256}).model == "/models/x"
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert cluster_section({}).merge == MergeConfig(distance=1.5) and ClusterConfig().prune is None
+    assert cluster_section({}) == ClusterConfig()
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cluster.k_init = 5
 
 
@@ -246,21 +254,26 @@ def test_config_from_dict_matches_the_yaml():
     ({"merge": {"foo": 1}}, r"cluster\.merge\.foo: unknown key"),
     ({"prune": {"min_quality": 3, "bar": 1}}, r"cluster\.prune\.bar: unknown key"),
     ({"k_int": 10}, r"cluster\.k_int: unknown key"),
-    ({"merge": {"num_domains": 20, "distance": 1.5}}, "exactly one of num_domains or distance"),
-    ({"merge": {}}, "exactly one of num_domains or distance"),
-    ({"k_init": 100, "sample_size": 10}, "sample_size"),
+    ({"merge": {"num_domains": 20, "distance": 1.5}}, r"cluster\.merge: give exactly one of num_domains or distance"),
+    ({"merge": {}}, r"cluster\.merge: give exactly one of num_domains or distance"),
+    ({"k_init": 100, "sample_size": 10}, r"cluster: sample_size \(10\) must be >= k_init \(100\)"),
     ({"k_init": True}, r"cluster\.k_init"),
     ({"merge": {"num_domains": 2, "refine": "yes"}}, r"cluster\.merge\.refine"),
     ({"merge": {"num_domains": 2, "restarts": 0}}, r"cluster\.merge\.restarts"),
     ({"prune": {"min_quality": 7}}, r"cluster\.prune\.min_quality"),
+    ({"prune": {"classifier": ""}}, r"cluster\.prune\.classifier"),
+    ({"report_sample": 0}, r"cluster\.report_sample"),
 ])
 def test_cluster_config_rejects(data, message):
-    with pytest.raises(ValueError, match=message):
-        ClusterConfig.from_dict(data)
+    with pytest.raises(ConfigError, match=message):
+        cluster_section(data)
+    with pytest.raises(ValueError):  # the same rule when the operator's config is built directly
+        ClusterConfig.model_validate(data)
 
 
-def test_embed_config_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match=r"embed\.max_len: unknown key"):
-        EmbedConfig.from_dict({"max_len": 128})
-    with pytest.raises(ValueError, match=r"embed\.max_seq_length"):
-        EmbedConfig(max_seq_length=0)
+def test_embed_section_rejects_unknown_keys_and_bad_values():
+    config = {"run_dir": "r", "sources": [{"path": "a.jsonl"}]}
+    with pytest.raises(ConfigError, match=r"embed\.max_len: unknown key"):
+        parse_config({**config, "embed": {"max_len": 128}})
+    with pytest.raises(ConfigError, match=r"embed\.max_seq_length"):
+        parse_config({**config, "embed": {"max_seq_length": 0}})

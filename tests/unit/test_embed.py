@@ -104,8 +104,12 @@ def test_missing_model_path_names_it(tmp_path):
         DocumentEmbedder(model=str(tmp_path)).setup()  # exists, but is no model directory
 
 
-def test_pickles_without_weights(embedder):
-    clone = pickle.loads(pickle.dumps(embedder))  # how Ray ships it to actors
-    assert clone.model is None and clone.max_seq_length == embedder.max_seq_length
+def test_constructed_without_weights_until_setup(texts, batched):
+    # A stage worker constructs the operator, then calls setup() once: the constructor loads
+    # nothing (it is cheap and picklable), and setup() gives the same vectors as any other load.
+    clone = pickle.loads(pickle.dumps(DocumentEmbedder(max_seq_length=128, batch_size=4)))
+    assert clone.model is None
     with pytest.raises(RuntimeError, match="setup"):
         clone.embed_texts(["x"])
+    clone.setup()
+    np.testing.assert_array_equal(clone.embed_texts(texts), batched)

@@ -35,16 +35,16 @@ def test_rows_for_mixture_shares_and_determinism():
 def test_proxy_learns_its_domain_and_is_deterministic():
     doms = domains()
     train = rows_for_mixture(doms, [1.0, 0.0], 64, 32, np.random.default_rng(0))
-    cfg = ProxyConfig(steps=60, seed=3, **TINY)
-    model = train_proxy(train, V, cfg, num_threads=1)
+    cfg = ProxyConfig(steps=60, **TINY)
+    model = train_proxy(train, V, cfg, seed=3, num_threads=1)
     pattern = rows_for_mixture(doms, [1.0, 0.0], 16, 32, np.random.default_rng(1))
     noise = rows_for_mixture(doms, [0.0, 1.0], 16, 32, np.random.default_rng(1))
     lp, ln = eval_loss(model, pattern), eval_loss(model, noise)
     # random ids 10..63 cannot be predicted below ln(54) = 3.99 nats; the pattern can reach 0
     assert lp < 1.0 and ln > 3.5, (lp, ln)
-    again = train_proxy(train, V, cfg, num_threads=1)
+    again = train_proxy(train, V, cfg, seed=3, num_threads=1)
     assert eval_loss(again, pattern) == lp                      # bit-identical with the same seed
-    other = train_proxy(train, V, ProxyConfig(steps=60, seed=4, **TINY), num_threads=1)
+    other = train_proxy(train, V, cfg, seed=4, num_threads=1)
     assert eval_loss(other, pattern) != lp
 
 
@@ -53,7 +53,7 @@ def test_multiple_choice_after_training():
     rng = np.random.default_rng(0)
     stream = np.frombuffer("\n".join(rng.choice(facts, 600)).encode(), np.uint8)
     rows = rows_for_mixture({0: stream}, [1.0], 128, 32, rng)
-    model = train_proxy(rows, 256, ProxyConfig(steps=120, seed=0, **TINY), num_threads=1)
+    model = train_proxy(rows, 256, ProxyConfig(steps=120, **TINY), seed=0, num_threads=1)
     tokenize = lambda s: list(s.encode())  # noqa: E731  byte-level: token id = byte
     colours = ["blue.", "green.", "white."]
     items = [{"question": "\nthe sky is", "choices": colours, "answer": 0},
@@ -66,9 +66,11 @@ def test_multiple_choice_after_training():
 
 
 def test_config_and_input_errors():
-    with pytest.raises(ValueError, match="multiple of proxy.heads"):
+    with pytest.raises(ValueError, match=r"hidden \(30\) must be a multiple of heads \(4\)"):
         ProxyConfig(hidden=30, heads=4)
+    with pytest.raises(ValueError, match="seed"):
+        ProxyConfig(seed=0)  # a call argument of train_proxy, not a setting
     with pytest.raises(ValueError, match="token ids must be in"):
-        train_proxy(np.full((2, 8), 99), V, ProxyConfig(steps=1, **TINY))
+        train_proxy(np.full((2, 8), 99), V, ProxyConfig(steps=1, **TINY), seed=0)
     with pytest.raises(ValueError, match="more than proxy.seq_len"):
-        train_proxy(np.zeros((2, 64), np.int64), V, ProxyConfig(steps=1, **TINY))
+        train_proxy(np.zeros((2, 64), np.int64), V, ProxyConfig(steps=1, **TINY), seed=0)

@@ -1,12 +1,10 @@
-"""Selection math: hand-computed cases, invariants, ties, warm-up, parameter errors."""
+"""Selection math: hand-computed cases, invariants, ties, warm-up, segments, parameter errors."""
 import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from operators.select import (masks_from_logits, none_mask, num_kept, prompt_lengths, rho1_mask,
+from operators.select import (none_mask, num_kept, prompt_lengths, rho1_mask, segment_layout, select_rows,
                               sstoken_mask)
 
 NAN = float("nan")
@@ -143,25 +141,92 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="finite"):  # a NaN loss at a target (position 0 as target)
         sstoken_mask([REL_A], [ATTN_A], [np.array([1, 0, 1, 1, 1, 1], np.uint8)])
     with pytest.raises(ValueError, match="unknown selection method"):
-        masks_from_logits(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long),
-                          torch.zeros(1, 2), "rho-1")
+        select_rows("rho-1", np.zeros((1, 3)), np.zeros((1, 3)), np.zeros((1, 3)),
+                    segment_layout(np.zeros((1, 3)), np.zeros((1, 3), np.int64)))
 
 
-def test_masks_from_logits_rho1_matches_direct_cross_entropy():
-    g = torch.Generator().manual_seed(0)
-    B, T, V = 3, 7, 11
-    cur, ref = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
-    ids = torch.randint(0, V, (B, T), generator=g)
-    tm = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0]])
-    got = masks_from_logits(cur, ref, ids, tm, "rho1", ratio=0.6)
+def test_one_position_prompt_drops_the_attention_term():
+    """A sample whose prompt is only its first position (a continuation window, plain text)
+    has nothing but the attention sink to attend to: its score is REL alone, warm-up included."""
+    tm = np.array([0, 1, 1, 1, 1], np.uint8)
+    rel = np.array([NAN, 0.0, 3.0, 1.0, 2.0])
+    attn = np.array([1.0, 0.9, 0.1, 0.8, 0.2])  # would pick positions 1 and 3 if it counted
+    for warmup in (False, True):
+        sel = sstoken_mask([rel], [attn], [tm], gamma=0.5, ratio=0.5, warmup=warmup)
+        assert sel.loss_masks[0].tolist() == [0, 0, 1, 0, 1]
+        np.testing.assert_allclose(sel.scores[0][1:], [0.0, 1.0, 1 / 3, 2 / 3], rtol=1e-6)
 
-    def ce(logits):  # independent: full-batch cross-entropy on shifted logits
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1),
-                               reduction="none").view(B, T - 1)
-    excess = (ce(cur) - ce(ref))[tm[:, 1:].bool()]
-    k = math.ceil(0.6 * excess.numel())
-    assert got.dtype == torch.bool and got.shape == (B, T)
-    assert int(got.sum()) == k and not (got & ~tm.bool()).any()
-    kept = excess[got[:, 1:][tm[:, 1:].bool()]]
-    torch.testing.assert_close(kept.sort().values, excess.topk(k).values.sort().values)
-    assert torch.equal(masks_from_logits(cur, ref, ids, tm, "none"), tm.bool())
+
+def test_multi_turn_candidates_are_the_targets_and_the_prompt_is_before_the_first():
+    # user (0-2) | assistant (3-5) | user (6-7) | assistant (8-10)
+    tm = np.array([0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1], np.uint8)
+    rel = np.linspace(0, 1, tm.size)
+    attn = np.zeros(tm.size)
+    sel = sstoken_mask([rel], [attn], [tm], gamma=1.0, ratio=0.5)
+    kept = np.flatnonzero(sel.loss_masks[0])
+    assert set(kept) <= set(np.flatnonzero(tm)) and kept.size == 3  # ceil(0.5 * 6) of the 6 targets
+    assert kept.tolist() == [8, 9, 10]  # highest REL; the second user turn is never a candidate
+    assert np.isnan(sel.scores[0][[6, 7]]).all()
+    assert prompt_lengths([tm]).tolist() == [3]
+
+
+def _packed(docs):
+    """Pack (target_mask, rel, attn, live) per document into rows of 12 with position_ids."""
+    T = 12
+    rows, row, used = [], [], 0
+    for d in docs:
+        if used + d[0].size > T:
+            rows.append(row)
+            row, used = [], 0
+        row.append(d)
+        used += d[0].size
+    rows.append(row)
+    B = len(rows)
+    out = {k: np.zeros((B, T)) for k in ("tm", "rel", "attn", "live", "pos")}
+    out["pos"] = np.zeros((B, T), np.int64)
+    for b, row in enumerate(rows):
+        at = 0
+        for tm, rel, attn, live in row:
+            n = tm.size
+            for k, v in (("tm", tm), ("rel", rel), ("attn", attn), ("live", live)):
+                out[k][b, at:at + n] = np.nan_to_num(v)
+            out["pos"][b, at:at + n] = np.arange(n)
+            at += n
+    seg = np.cumsum(np.diff(out["pos"], prepend=out["pos"][:, :1] - 1, axis=1) != 1, axis=1)
+    return out, seg, [d for row in rows for d in row]
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_packed_rows_select_as_per_document(warmup):
+    """select_rows on packed segments gives sstoken_mask / rho1_mask per document."""
+    rng = np.random.default_rng(3)
+    docs = []
+    for n in (5, 4, 3, 6, 2, 7, 5):
+        tm = np.zeros(n, np.uint8)
+        tm[int(rng.integers(1, n)):] = 1
+        docs.append((tm, rng.normal(size=n), rng.uniform(size=n), rng.uniform(1, 5, size=n)))
+    p, seg, order = _packed(docs)
+    layout = segment_layout(p["tm"], seg)
+    ref = p["live"] + p["rel"]  # REL = ref - live
+    keep, score = select_rows("sstoken", p["live"], ref, p["tm"], layout, attn_BT=p["attn"], ratio=0.5,
+                              warmup=warmup)
+    per_doc = sstoken_mask([d[1] for d in order], [d[2] for d in order], [d[0] for d in order],
+                           ratio=0.5, warmup=warmup)
+    flat_keep = keep[p["tm"].astype(bool)]
+    expected = np.concatenate([m[d[0].astype(bool)] for m, d in zip(per_doc.loss_masks, order)])
+    assert flat_keep.astype(int).tolist() == expected.tolist()
+    # prompts: each segment's positions before its first target
+    assert layout.prompt_mask[p["tm"].astype(bool)].sum() == 0
+    rho_keep, _ = select_rows("rho1", p["live"], ref, p["tm"], layout, ratio=0.5)
+    rho = rho1_mask([d[3] for d in order], [d[3] + d[1] for d in order], [d[0] for d in order], ratio=0.5)
+    rho_expected = np.concatenate([m[d[0].astype(bool)] for m, d in zip(rho.loss_masks, order)])
+    assert rho_keep[p["tm"].astype(bool)].astype(int).tolist() == rho_expected.tolist()
+
+
+def test_select_rows_rejects_nan_reference_at_a_target():
+    tm = np.array([[0, 1, 1]])
+    layout = segment_layout(tm, np.zeros((1, 3), np.int64))
+    with pytest.raises(ValueError, match="ref_loss"):
+        select_rows("rho1", np.ones((1, 3)), np.array([[NAN, 1.0, NAN]]), tm, layout)
+    with pytest.raises(ValueError, match="attention"):
+        select_rows("sstoken", np.ones((1, 3)), np.ones((1, 3)), tm, layout)

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from operators import schema as S
 from pipeline import sink, storage
-from pipeline.stages import reason_key
+from pipeline.layout import reason_key
 
 
 def _fixed(table: pa.Table, col: str) -> np.ndarray:
@@ -71,22 +71,43 @@ def reassemble(shard_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.nda
     return out
 
 
+def _stage_names(run_dir: str) -> list[str]:
+    """The run's stages in run order (from its saved config), with the mixture search's steps."""
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.runner import plan_stages
+    import yaml
+    try:
+        config = parse_config(yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))))
+        stages = [s.name for s in plan_stages(config)]
+    except (FileNotFoundError, ConfigError):
+        return []
+    if "mixture" in stages:
+        steps = sorted((n for n in storage.listdir(storage.join(run_dir, "mixture")) if n.startswith("round-")),
+                       key=lambda n: int(n.split("-")[1]))
+        i = stages.index("mixture")
+        stages[i:i + 1] = ["mixture/data"] + [f"mixture/{n}" for n in steps]
+    return stages
+
+
 def _stage_lines(run_dir: str) -> list[str]:
     lines = []
-    candidates = ["read"]
-    for group in ("embed", "cluster", "mixture", "tokenize", "score", "select", "pack"):
-        sub = [f"{group}/{n}" for n in storage.listdir(storage.join(run_dir, group))
-               if n not in ("parts", "done") and "done" in storage.listdir(storage.join(run_dir, group, n))]
-        candidates += sub or ([group] if storage.exists(storage.join(run_dir, group)) else [])
-    for stage in candidates:
-        marker = storage.join(run_dir, *stage.split("/"), "_SUCCESS.json")
+    for stage in _stage_names(run_dir):
+        where = storage.join(run_dir, *stage.split("/"))
+        marker = storage.join(where, "_SUCCESS.json")
         if storage.exists(marker):
             m = json.loads(storage.read_text(marker))
-            lines.append(f"  {stage:<24} complete  rows_in={m.get('rows_in')} rows_out={m.get('rows_out')} "
-                         f"filtered={m.get('rows_filtered')} quarantined={m.get('rows_quarantined')}")
-        elif storage.exists(storage.join(run_dir, *stage.split("/"))):
-            done = len(storage.listdir(storage.join(run_dir, *stage.split("/"), "done")))
+            reasons = Counter()
+            for item in m.get("items", []):
+                reasons.update(item.get("reasons", {}))
+            why = f" ({', '.join(f'{k}: {v}' for k, v in reasons.most_common())})" if reasons else ""
+            state = "complete, empty" if not m.get("items") or m.get("rows_in") == 0 else "complete"
+            lines.append(f"  {stage:<24} {state:<9} rows_in={m.get('rows_in')} rows_out={m.get('rows_out')} "
+                         f"filtered={m.get('rows_filtered')} quarantined={m.get('rows_quarantined')}{why}")
+        elif storage.exists(where):
+            done = len(storage.listdir(storage.join(where, "done")))
             lines.append(f"  {stage:<24} incomplete ({done} items done)")
+        else:
+            lines.append(f"  {stage:<24} not started")
     return lines
 
 
@@ -100,7 +121,7 @@ def inspect_run(run_dir: str, verify: bool = False) -> str:
     out += _stage_lines(run_dir) or ["  (none started)"]
     clusters = storage.join(run_dir, "cluster", "clusters.json")
     if storage.exists(clusters):
-        from pipeline.climb import describe_domains
+        from pipeline.stages.cluster_assign import describe_domains
         out.append(describe_domains(json.loads(storage.read_text(clusters)), limit=12))
     reasons = Counter()
     for name in storage.listdir(storage.join(run_dir, "quarantine")):

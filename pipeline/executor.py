@@ -1,0 +1,236 @@
+"""The executor: the one place where stage work meets Ray (with `submit.py`, the only ray import).
+
+`Executor.run_stage(stage, items, work, resources)`:
+
+* skips a stage whose `_SUCCESS.json` exists, and the items whose `done/<item>.json` exists;
+* runs a function as plain Ray tasks, all submitted at once (Ray queues them by resources, so
+  every CPU stays busy; Ray Data's per-operator budget ran these one at a time on 2 CPUs), and
+  a class as an actor pool (one construction per actor, `num_gpus` per actor), each item sent to
+  the next free actor;
+* retries: a task or actor call lost to a dead worker process is retried (`max_retries`,
+  `max_task_retries`), a dead actor restarted (`max_restarts`); an exception raised by the work
+  itself fails the stage with that error;
+* writes each item's marker from its `Result` inside the worker, after the item's outputs, with
+  `data.commit`: every file the item committed under run_dir (bytes, sha256) and every run_dir
+  file it read (`storage.recording`), which a re-run verifies before skipping it
+  (pipeline/integrity.py); then checks the counts balance and writes the stage marker last;
+* a full disk or a refusing object store fails the stage with a `StageError` naming the stage,
+  the item and the path (the item's temporaries are removed and it has no marker: a re-run
+  after the cause is fixed redoes it);
+* prints one progress line per stage: items done, rows/s and MB/s, ETA.
+
+Model actors reserve a fraction of a CPU by default (design.md, "Ray facts"): actors that each
+reserve a whole CPU can take every CPU and starve the tasks that feed them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import ray
+
+from pipeline import storage
+from pipeline.config import RayConfig
+from pipeline.layout import RunLayout, StageError, read_marker, write_marker
+from pipeline.stages.base import Context, Item, Resources, Result
+
+TASK_RETRIES = 2   # re-runs of a task whose worker process died (not of a raised exception)
+
+
+def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = False) -> None:
+    """Join a cluster only when asked (`--address`, RAY_ADDRESS, `ray.address`); otherwise start
+    a fresh local Ray, even when an earlier `ray start` left a cluster file on this machine."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or ray_cfg.address
+    kwargs: dict = {}
+    if address is None:
+        # Workers import user code (config filters) the way the driver does: from its working directory.
+        pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+        kwargs = {"address": "local", "include_dashboard": False,
+                  "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}}}
+        if ray_cfg.num_cpus:
+            kwargs["num_cpus"] = ray_cfg.num_cpus
+        if ray_cfg.num_gpus is not None:
+            kwargs["num_gpus"] = ray_cfg.num_gpus
+    else:
+        kwargs["address"] = address
+    ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True, **kwargs)
+
+
+def cluster_resources() -> dict[str, float]:
+    return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def _worker_identity() -> dict:
+    """Which process and which (logical) GPUs ran an item: recorded in its marker."""
+    return {"pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+
+def _commit_item(layout: RunLayout, stage: str, result: Result, record: storage.CommitRecord) -> dict:
+    if not isinstance(result, Result):
+        raise TypeError(f"stage {stage}: work returned {type(result).__name__}, expected a Result")
+    result.data["commit"] = record.to_json()
+    body = result.to_json()
+    try:
+        write_marker(layout.done_marker(stage, result.item), body)
+    except storage.StorageError as e:
+        raise StageError(f"stage {stage}, item {result.item}: {e}") from None
+    return body
+
+
+def _recorded(layout: RunLayout, stage: str, item: Item, call: Callable[[], Result]) -> tuple[Result, storage.CommitRecord]:
+    """Run one item with its commits recorded; storage failures become a StageError naming it."""
+    with storage.recording(layout.run_dir) as record:
+        try:
+            return call(), record
+        except storage.StorageError as e:
+            raise StageError(f"stage {stage}, item {item.name}: {e}") from None
+
+
+def _run_item(ctx: Context, stage: str, work: Callable, item: Item) -> dict:
+    result, record = _recorded(ctx.layout, stage, item, lambda: work(ctx, item))
+    return _commit_item(ctx.layout, stage, result, record)
+
+
+class _StageActor:
+    """Hosts one Worker of a model stage: constructed once, then called per item."""
+
+    def __init__(self, ctx: Context, worker_cls: type, resources: Resources):
+        self.ctx, self.impl = ctx, worker_cls(ctx, resources)
+
+    def __call__(self, stage: str, item: Item) -> dict:
+        result, record = _recorded(self.ctx.layout, stage, item, lambda: self.impl(item))
+        result.data.setdefault("worker", _worker_identity())
+        return _commit_item(self.ctx.layout, stage, result, record)
+
+
+def _get(ref):
+    """ray.get, re-raising a StageError from a worker as itself (its message is the whole story)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, StageError):
+            raise e.cause from None
+        raise
+
+
+class Progress:
+    """One line per stage: items done, rows/s, MB/s, ETA; redrawn in place on a terminal,
+    printed at most every `every` seconds otherwise (job logs)."""
+
+    def __init__(self, stage: str, total: int, every: float = 10.0):
+        self.stage, self.total, self.every = stage, total, every
+        self.done = self.rows = self.bytes = 0
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, result: dict) -> None:
+        self.done += 1
+        self.rows += result.get("rows_in", 0)
+        self.bytes += result.get("data", {}).get("bytes_in", 0)
+        now = time.time()
+        if self.tty or now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            end = "\n" if self.done == self.total or not self.tty else ""
+            print(("\r" if self.tty else "") + self.line(now), end=end, file=sys.stderr, flush=True)
+
+    def line(self, now: float) -> str:
+        dt = max(now - self.t0, 1e-9)
+        rate = f"{self.rows / dt:,.0f} rows/s" + (f", {self.bytes / dt / 1e6:.1f} MB/s" if self.bytes else "")
+        eta = (self.total - self.done) * dt / self.done if self.done else 0.0
+        tail = f"ETA {eta:.0f}s" if self.done < self.total else f"{dt:.1f}s"
+        return f"[tokenmill] {self.stage}: {self.done}/{self.total} items, {rate}, {tail}"
+
+
+class Executor:
+    def __init__(self, layout: RunLayout, context: Context, say: Callable[[str], None]):
+        self.layout, self.context, self.say = layout, context, say
+        self._context_ref = None
+
+    def run_stage(self, stage: str, items: list[Item], work: Callable | type, resources: Resources) -> list[Result]:
+        """Run the pending items of a stage, then commit it; returns every item's Result in order."""
+        names = [it.name for it in items]
+        if len(set(names)) != len(names):
+            raise RuntimeError(f"stage {stage}: item names are not unique")
+        summary = self.layout.stage_summary(stage)
+        if summary is not None:
+            self.say(f"{stage}: complete, skipped ({counts_line(summary)})")
+            return [Result.from_json(r) for r in summary["items"]]
+        done = self.layout.done_items(stage)
+        pending = [it for it in items if it.name not in done]
+        if len(pending) < len(items):
+            self.say(f"{stage}: resuming, {len(items) - len(pending)} of {len(items)} items already done")
+        t0 = time.time()
+        if pending:
+            if isinstance(work, type):
+                self._run_actors(stage, pending, work, resources)
+            else:
+                self._run_tasks(stage, pending, work, resources)
+        try:
+            return self._commit_stage(stage, items, time.time() - t0)
+        except storage.StorageError as e:
+            raise StageError(f"stage {stage}: {e}") from None
+
+    def _context(self):
+        if self._context_ref is None:
+            self._context_ref = ray.put(self.context)
+        return self._context_ref
+
+    def _run_tasks(self, stage: str, items: list[Item], work: Callable, res: Resources) -> None:
+        remote = ray.remote(_run_item).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                               max_retries=TASK_RETRIES, name=stage)
+        pending = [remote.remote(self._context(), stage, work, it) for it in items]
+        progress = Progress(stage, len(items))
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                progress.update(_get(ready[0]))
+        except BaseException:
+            # The stage failed: stop its other tasks (an interrupted write removes its temporary)
+            # rather than let them run on after the driver has given up.
+            for ref in pending:
+                ray.cancel(ref)
+            ray.wait(pending, num_returns=len(pending), timeout=10)
+            raise
+
+    def _run_actors(self, stage: str, items: list[Item], worker: type, res: Resources) -> None:
+        actor_cls = ray.remote(_StageActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                                   max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES)
+        actors = [actor_cls.remote(self._context(), worker, res) for _ in range(max(1, min(res.actors, len(items))))]
+        queue, running = list(items), {}
+        progress = Progress(stage, len(items))
+        try:
+            while queue or running:
+                for actor in actors:
+                    if queue and actor not in running.values():
+                        running[actor.__call__.remote(stage, queue.pop(0))] = actor
+                ready, _ = ray.wait(list(running), num_returns=1)
+                running.pop(ready[0])
+                progress.update(_get(ready[0]))
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    def _commit_stage(self, stage: str, items: list[Item], seconds: float) -> list[Result]:
+        results = [Result.from_json(read_marker(self.layout.done_marker(stage, it.name))) for it in items]
+        unbalanced = [r.item for r in results if not r.balanced]
+        if unbalanced:
+            raise RuntimeError(f"stage {stage}: counts do not balance for items {unbalanced[:5]}")
+        summary = {"stage": stage, **totals(results), "items": [r.to_json() for r in results],
+                   "seconds": round(seconds, 3)}
+        write_marker(self.layout.stage_marker(stage), summary)
+        self.say(f"{stage}: {counts_line(summary)} in {seconds:.1f}s")
+        return results
+
+
+def totals(results: list[Result]) -> dict[str, int]:
+    return {k: sum(getattr(r, k) for r in results) for k in ("rows_in", "rows_out", "rows_filtered", "rows_quarantined")}
+
+
+def counts_line(summary: dict) -> str:
+    return (f"rows_in={summary['rows_in']} rows_out={summary['rows_out']} "
+            f"filtered={summary['rows_filtered']} quarantined={summary['rows_quarantined']}")

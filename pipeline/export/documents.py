@@ -1,0 +1,242 @@
+"""Stream a shard set (shard-format.md v1) as whole documents or as packed rows, with bounded memory.
+
+Packing may split a document longer than `seq_len` into pieces (`doc_token_starts` > 0),
+placed in any row and, in principle, any shard. Document-level exports need each document
+whole, in a deterministic order, without holding the corpus:
+
+1. When the manifest reports split documents, a first pass reads only the small columns
+   (`doc_ids`, `doc_offsets`, `doc_token_starts`, `num_tokens`; Arrow IPC projection, the
+   token columns are neither read nor decompressed) and records the full length of every
+   split document: O(split documents) memory, a few bytes each.
+2. The second pass reads one record batch at a time (256 rows by default). Pieces of
+   unsplit documents are emitted straight from the batch as one flat array (no per-document
+   Python work); pieces of split documents wait in a small buffer until their tokens add up
+   to the document's length, and are then emitted, joined in `doc_token_starts` order.
+
+Order: manifest shard order, row order; a split document comes right after the whole
+documents of the record batch that completes it. A pure function of the shards.
+
+Masks are the shards' own: at a split point the continuation piece's first token has
+target_mask = loss_mask = 0 (the packer could not predict it from its row), and the joined
+document keeps that 0 rather than inventing a value the shards do not hold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators import schema as S
+from pipeline import sink, storage
+
+_PIECE_COLUMNS = (S.DOC_IDS, S.DOC_OFFSETS, S.DOC_TOKEN_STARTS, S.NUM_TOKENS)
+
+
+class ShardFormatError(ValueError):
+    """The shards break the shard-format contract (names the shard file at fault)."""
+
+
+@dataclasses.dataclass
+class DocumentBatch:
+    """Whole documents back to back: document i is `input_ids[starts[i]:starts[i] + lengths[i]]`.
+
+    input_ids int32 [T], target_mask / loss_mask uint8 [T], lengths int64 [D],
+    doc_ids string [D], domain_ids int32 [D] (-1 where null) or None when the shards have none.
+    """
+    input_ids: np.ndarray
+    target_mask: np.ndarray
+    loss_mask: np.ndarray
+    lengths: np.ndarray
+    doc_ids: pa.Array
+    domain_ids: np.ndarray | None
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.cumsum(self.lengths) - self.lengths
+
+    def take(self, doc_index: np.ndarray) -> "DocumentBatch":
+        """The documents at `doc_index` (sorted), in that order."""
+        keep_tok = np.repeat(np.isin(np.arange(self.num_docs), doc_index), self.lengths)
+        return DocumentBatch(self.input_ids[keep_tok], self.target_mask[keep_tok], self.loss_mask[keep_tok],
+                             self.lengths[doc_index], self.doc_ids.take(pa.array(doc_index, pa.int64())),
+                             None if self.domain_ids is None else self.domain_ids[doc_index])
+
+
+class ShardSet:
+    """One tokenizer's shard directory (local or URI): its manifest and its record batches."""
+
+    def __init__(self, shard_dir: str):
+        self.shard_dir = shard_dir
+        path = storage.join(shard_dir, "manifest.json")
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path}: no shard manifest (the run's pack stage has not finished)")
+        raw = storage.read_bytes(path)
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        self.manifest = sink.read_manifest(shard_dir)
+        self.seq_len = int(self.manifest["seq_len"])
+        self.files = [e["file"] for e in self.manifest["shards"]]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def has_split_docs(self) -> bool:
+        split = self.manifest.get("packing", {}).get("split_docs")
+        return split is None or split > 0  # unknown: assume some
+
+    def record_batches(self, file: str, columns: tuple[str, ...] | None = None) -> Iterator[pa.RecordBatch]:
+        """The record batches of one shard file, reading only `columns` (all when None)."""
+        with storage.open_random_access(storage.join(self.shard_dir, file)) as f:
+            reader = pa.ipc.open_file(f)
+            if columns is not None:
+                names = reader.schema.names
+                fields = sorted(names.index(c) for c in columns if c in names)
+                reader = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
+            for b in range(reader.num_record_batches):
+                yield reader.get_batch(b)
+
+
+def fixed_2d(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A fixed_size_list column as a [rows, seq_len] numpy array (zero-copy where Arrow allows)."""
+    arr = batch.column(column)
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def piece_table(batch: pa.RecordBatch, file: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, pa.Array]:
+    """Every piece of a record batch in row order: (row, offset in row, length, start in document, doc id)."""
+    ntok = batch.column(S.NUM_TOKENS).to_numpy().astype(np.int64)
+    offsets_col = batch.column(S.DOC_OFFSETS)
+    row = pc.list_parent_indices(offsets_col).to_numpy().astype(np.int64)
+    offset = pc.list_flatten(offsets_col).to_numpy().astype(np.int64)
+    start = pc.list_flatten(batch.column(S.DOC_TOKEN_STARTS)).to_numpy().astype(np.int64)
+    doc_ids = pc.list_flatten(batch.column(S.DOC_IDS))
+    if not (len(offset) == len(start) == len(doc_ids)):
+        raise ShardFormatError(f"{file}: doc_ids, doc_offsets and doc_token_starts differ in length")
+    same_row_next = np.r_[row[1:] == row[:-1], False]
+    end = np.where(same_row_next, np.r_[offset[1:], 0], ntok[row] if len(row) else offset)
+    length = end - offset
+    first_in_row = np.r_[True, ~same_row_next[:-1]] if len(row) else np.zeros(0, bool)
+    if (length <= 0).any() or (offset[first_in_row] != 0).any():
+        raise ShardFormatError(f"{file}: the pieces of a row must start at 0 and follow each other "
+                               f"without gaps up to num_tokens")
+    if len(row) and np.bincount(row, weights=length, minlength=len(ntok)).astype(np.int64).tolist() != ntok.tolist():
+        raise ShardFormatError(f"{file}: piece lengths do not add up to num_tokens")
+    return row, offset, length, start, doc_ids
+
+
+def split_document_lengths(shards: ShardSet) -> dict[str, int]:
+    """Full token count of every document the packer split into pieces (first pass, small columns only)."""
+    lengths: dict[str, int] = {}
+    if not shards.has_split_docs:
+        return lengths
+    for file in shards.files:
+        for batch in shards.record_batches(file, _PIECE_COLUMNS):
+            _, _, length, start, doc_ids = piece_table(batch, file)
+            cont = np.flatnonzero(start > 0)
+            for d, end in zip(doc_ids.take(pa.array(cont, pa.int64())).to_pylist(), (start + length)[cont].tolist()):
+                if end > lengths.get(d, 0):
+                    lengths[d] = end
+    return lengths
+
+
+class _SplitBuffer:
+    """Pieces of split documents until each document is complete."""
+
+    def __init__(self, full_length: dict[str, int]):
+        self.full_length = full_length
+        self.pending: dict[str, list] = {}
+        self.have: dict[str, int] = {}
+
+    def add(self, doc_id: str, start: int, ids, tgt, loss, domain: int, file: str):
+        """Returns the whole document (ids, tgt, loss, domain) once its last piece arrives, else None."""
+        self.pending.setdefault(doc_id, []).append((start, ids.copy(), tgt.copy(), loss.copy(), domain))
+        self.have[doc_id] = self.have.get(doc_id, 0) + len(ids)
+        full = self.full_length[doc_id]
+        if self.have[doc_id] < full:
+            return None
+        pieces = sorted(self.pending.pop(doc_id), key=lambda p: p[0])
+        del self.have[doc_id]
+        expect = 0
+        for s, seg, *_ in pieces:
+            if s != expect:
+                raise ShardFormatError(f"{file}: document {doc_id!r} has a piece at token {s}, expected {expect} "
+                                       f"(lost or repeated tokens)")
+            expect += len(seg)
+        return tuple(np.concatenate([p[i] for p in pieces]) for i in (1, 2, 3)) + (pieces[0][4],)
+
+    def check_empty(self) -> None:
+        if self.pending:
+            d = next(iter(self.pending))
+            raise ShardFormatError(f"document {d!r} (and {len(self.pending) - 1} more) never completed: "
+                                   f"{self.have[d]} of {self.full_length[d]} tokens found in the shards")
+
+
+def iter_document_batches(shards: ShardSet) -> Iterator[DocumentBatch]:
+    """Whole documents, one DocumentBatch per shard record batch (see the module docstring for the order)."""
+    split = split_document_lengths(shards)
+    split_ids = pa.array(list(split), pa.string())
+    buffer = _SplitBuffer(split)
+    num_docs = num_tokens = 0
+    for file in shards.files:
+        for batch in shards.record_batches(file):
+            for docs in _documents_of(batch, shards.seq_len, split_ids, buffer, file):
+                num_docs += docs.num_docs
+                num_tokens += len(docs.input_ids)
+                yield docs
+    buffer.check_empty()
+    # A split document whose continuations are all gone looks like a whole one: the totals catch it.
+    counts = shards.manifest["counts"]
+    if (num_docs, num_tokens) != (counts["docs"], counts["tokens"]):
+        raise ShardFormatError(f"{shards.shard_dir}: the shards hold {num_docs} documents / {num_tokens} tokens but "
+                               f"the manifest counts {counts['docs']} / {counts['tokens']}")
+
+
+def _documents_of(batch, seq_len, split_ids, buffer, file) -> Iterator[DocumentBatch]:
+    row, _, length, start, doc_ids = piece_table(batch, file)
+    if not len(row):
+        return
+    ntok = batch.column(S.NUM_TOKENS).to_numpy()
+    real = np.arange(seq_len)[None, :] < ntok[:, None]
+    ids, tgt, loss = (fixed_2d(batch, c)[real] for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK))
+    domains = None
+    if S.DOMAIN_IDS in batch.schema.names:
+        domains = pc.list_flatten(batch.column(S.DOMAIN_IDS)).fill_null(-1).to_numpy().astype(np.int32)
+    is_split = (start > 0) | pc.is_in(doc_ids, value_set=split_ids).to_numpy(zero_copy_only=False)
+    whole = np.flatnonzero(~is_split)
+    if not is_split.any():
+        yield DocumentBatch(ids, tgt, loss, length, doc_ids, domains)
+        return
+    keep = np.repeat(~is_split, length)
+    yield DocumentBatch(ids[keep], tgt[keep], loss[keep], length[whole], doc_ids.take(pa.array(whole, pa.int64())),
+                        None if domains is None else domains[whole])
+    first = np.cumsum(length) - length
+    done = []
+    for p in np.flatnonzero(is_split).tolist():
+        a, b = first[p], first[p] + length[p]
+        d = doc_ids[p].as_py()
+        got = buffer.add(d, int(start[p]), ids[a:b], tgt[a:b], loss[a:b], -1 if domains is None else int(domains[p]), file)
+        if got is not None:
+            done.append((d, got))
+    if done:
+        yield DocumentBatch(np.concatenate([g[0] for _, g in done]), np.concatenate([g[1] for _, g in done]),
+                            np.concatenate([g[2] for _, g in done]), np.array([len(g[0]) for _, g in done], np.int64),
+                            pa.array([d for d, _ in done], pa.string()),
+                            None if domains is None else np.array([g[3] for _, g in done], np.int32))
+
+
+def iter_documents(shard_dir: str) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(doc_id, input_ids, target_mask, loss_mask) per whole document, in the stream order above."""
+    for batch in iter_document_batches(ShardSet(shard_dir)):
+        starts = batch.starts
+        for i, d in enumerate(batch.doc_ids.to_pylist()):
+            s = slice(int(starts[i]), int(starts[i] + batch.lengths[i]))
+            yield d, batch.input_ids[s], batch.target_mask[s], batch.loss_mask[s]

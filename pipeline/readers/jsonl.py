@@ -1,0 +1,124 @@
+"""JSON Lines (.jsonl/.json/.ndjson; plain, .gz or .zst): one object per line.
+
+Each block of whole lines (lines.py, about `read.chunk_bytes` bytes) is one chunk. A block
+takes the fast path when it can: Arrow's JSON reader parses it, columns.py validates it
+column-wise, and only rejected rows are parsed again in Python to get their exact reason
+(Arrow reads a missing field and an explicit null alike). Blocks the fast path cannot
+take exactly (a blank line, invalid UTF-8, malformed JSON, mixed id types) go line by line.
+Line numbers are 1-based and count blank lines; without an id field the id is `<file>:<line>`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pajson
+
+from operators import schema as S
+from pipeline.config import ReadConfig, SourceConfig
+from pipeline.readers.blocks import byte_blocks
+from pipeline.readers.columns import validate_columns
+from pipeline.readers.lines import line_blocks
+from pipeline.readers.validate import Chunk, DocBuilder, body_fields
+
+
+def json_error_reason(e: json.JSONDecodeError) -> str:
+    """'invalid JSON: <what> at column <n>'. Some of json's messages already end in 'at'
+    ('Unterminated string starting at', 'Invalid control character at'): not twice."""
+    msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg
+    return f"invalid JSON: {msg} at column {e.colno}"
+
+
+def _parse_block(block: bytes, src: SourceConfig) -> pa.Table | None:
+    """The block as a table of the source's fields (strings; the id a string or an integer)."""
+    fields = body_fields(src)
+    read_options = pajson.ReadOptions(block_size=max(1 << 20, len(block) + 1))
+    for id_type in ((pa.string(), pa.int64()) if src.id_field else (None,)):
+        cols = [(f, pa.string()) for f in fields] + ([(src.id_field, id_type)] if id_type else [])
+        parse_options = pajson.ParseOptions(explicit_schema=pa.schema(cols), unexpected_field_behavior="ignore")
+        try:
+            return pajson.read_json(pa.BufferReader(block), read_options=read_options, parse_options=parse_options)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            continue
+    return None
+
+
+def _fast_jsonl(block: bytes, first_line: int, b: DocBuilder) -> bool:
+    """Parse a block of whole lines with Arrow's JSON reader; False = use the slow path.
+
+    Only blocks where every line is non-blank valid UTF-8 take this path
+    (Arrow skips blank lines and replaces bad UTF-8, which would lose data).
+    """
+    if b"\n\n" in block or block.startswith(b"\n"):
+        return False
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    t = _parse_block(block, b.src)
+    if t is None or t.num_rows != block.count(b"\n") + (0 if block.endswith(b"\n") else 1):
+        return False
+    n = t.num_rows
+    v = validate_columns(t, b.src, b.path, b.max_chars, np.arange(first_line, first_line + n, dtype=np.int64))
+    if v.rejected:
+        # A null column value is either a missing field or an explicit null: the per-row
+        # checks tell which, and give every rejected row its exact reason.
+        lines = block.split(b"\n")
+        probe = DocBuilder(b.src, b.path, ReadConfig(max_doc_chars=b.max_chars))
+        for i, _ in v.rejected:
+            raw = lines[i].decode("utf-8")
+            probe.add_object(json.loads(raw), first_line + i, raw)
+        if probe.cols[S.ID]:  # the per-row checks kept a row the column checks did not: per-row for all
+            return False
+        b.quarantine.extend(probe.quarantine)
+        b.rows_in += probe.rows_in
+    if v.docs is not None:  # rejected rows only go to quarantine, so the kept ones stay in line order
+        b.add_table(v.docs, v.text_bytes)
+    return True
+
+
+def _slow_jsonl(block: bytes, first_line: int, b: DocBuilder) -> None:
+    for i, raw_bytes in enumerate(block.split(b"\n")):
+        if not raw_bytes.strip():
+            continue  # blank lines hold no row
+        where = first_line + i
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            b.reject(where, f"invalid UTF-8 at byte {e.start}", raw_bytes.decode("utf-8", "backslashreplace"))
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            b.reject(where, json_error_reason(e), raw)
+            continue
+        b.add_object(obj, where, raw)
+
+
+def read_jsonl_stream(source: SourceConfig, path: str, read_cfg: ReadConfig, blocks: Iterator[bytes],
+                      first_line: int = 1) -> Iterator[Chunk]:
+    """Chunks of a JSON Lines byte stream whose first byte starts line `first_line`.
+
+    A truncated stream keeps every whole line before the damage; the rest is one
+    quarantined row, 'unreadable from this line on: <why>'.
+    """
+    b = DocBuilder(source, path, read_cfg)
+    for lb in line_blocks(blocks, read_cfg.chunk_bytes, first_line):
+        if lb.damage is not None:
+            if lb.data is not None:
+                _slow_jsonl(lb.data, lb.first_line, b)
+            b.reject(lb.tail_line, f"unreadable from this line on: {lb.damage}",
+                     lb.tail.decode("utf-8", "backslashreplace") or None)
+            break
+        if not _fast_jsonl(lb.data, lb.first_line, b):
+            _slow_jsonl(lb.data, lb.first_line, b)
+        if lb.cut:
+            yield b.take()
+    if b.rows_in or b.quarantine:
+        yield b.take()
+
+
+def read_jsonl(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterator[Chunk]:
+    return read_jsonl_stream(source, path, read_cfg, byte_blocks(path))

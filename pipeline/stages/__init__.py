@@ -1,0 +1,1 @@
+"""One module per stage; the protocol is in `base.py`, the order in `pipeline/runner.py`."""

