@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# torch first, from the pinned CPU wheel: a looser resolution pulls a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# OLMo-core for the export tests, without the pins that would downgrade huggingface-hub (pyproject.toml)
+	$(VENV)/bin/pip install -q --no-deps ai2-olmo-core==3.0.0 cached-path==1.8.10
 	touch $(STAMP)
 
 install: $(STAMP)

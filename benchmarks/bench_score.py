@@ -1,9 +1,10 @@
 """Scoring throughput: TokenScorer vs a raw forward pass of the same two models.
 
-Ceiling: the two models' plain forward passes (HF default SDPA attention, logits
-included) on exactly the batches TokenScorer forms, measured in the same run. The
-scorer adds the cross-entropy, the last-layer attention recomputation (ssToken),
-selection and Arrow in/out; target >= 0.85 of the ceiling. Each figure is the best
+Ceiling: the two models' plain forward passes (HF default SDPA attention, logits in the
+model's dtype) on exactly the batches TokenScorer forms, measured in the same run, with
+separately loaded copies of the same weights. The scorer adds the fp32 output layer (on a
+bf16 model), the cross-entropy, the last-layer attention recomputation (ssToken), the
+ref_loss column, selection and Arrow in/out; target >= 0.85 of the ceiling. Each figure is the best
 of --repeats interleaved runs, because the machine is shared.
 
 On CUDA it also reports the fraction of bf16 dense peak reached, with FLOPs counted
@@ -28,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from operators import schema  # noqa: E402
-from operators.score import TokenScorer, length_batches  # noqa: E402
+from operators.score import TokenScorer, length_batches, load_causal_lm  # noqa: E402
+from operators.select_config import SelectConfig  # noqa: E402
 
 # name: (hidden, layers, heads, kv_heads, vocab)
 SIZES = {"tiny": (64, 2, 2, 2, 512), "small": (256, 4, 4, 4, 8192), "base": (768, 12, 12, 12, 32000),
@@ -107,10 +109,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root:
         cur_path, other_path, vocab = make_models(root, args.model_size)
-        scorer = TokenScorer(current_model=cur_path, other_model=other_path, method=args.method,
-                             device=device, batch_tokens=batch_tokens)
+        other_key = "history_model" if args.method == "sstoken" else "reference_model"
+        config = SelectConfig(method=args.method, current_model=cur_path, device=device, batch_tokens=batch_tokens,
+                              **{other_key: other_path})
+        scorer = TokenScorer(config)
         scorer.setup()
-        models = (scorer._current, scorer._other)  # the very same weights for the ceiling
+        dtype = torch.bfloat16 if gpu else torch.float32
+        models = tuple(load_causal_lm(p, device=device, dtype=dtype, float32_head=False)  # plain forward
+                       for p in (cur_path, other_path))
         table = make_table(num_docs, args.min_len, max_len, vocab)
         num_tokens = int(pa.compute.sum(pa.compute.list_value_length(table.column(schema.INPUT_IDS))).as_py())
         warm = table.slice(0, min(4, num_docs))

@@ -3,7 +3,7 @@
     cluster:
       k_init: 1000
       sample_size: 200000
-      prune: {min_quality: 3.0}                 # optional; also {classifier: path.joblib}
+      prune: {min_quality: 3.0}                 # optional; also {classifier: path.skops}
       merge: {num_domains: 20}                  # or {distance: 1.5}; optional, default distance 1.5
                                                 # also refine: true, restarts: 10 (the defaults)
 
@@ -24,7 +24,18 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_quality: float = Field(3.0, ge=0, le=5)         # paper: 3.0 on the 0-5 scale
-    classifier: str | None = Field(None, min_length=1)  # joblib file (quality.ClassifierScorer); None = heuristics
+    classifier: str | None = Field(None, min_length=1)  # .skops file (quality.ClassifierScorer); None = heuristics
+    # A joblib/pickle classifier runs code when loaded: refused unless this is set (README, Security).
+    trust_pickle: StrictBool = False
+
+    @model_validator(mode="after")
+    def _safe_classifier(self) -> PruneConfig:
+        from operators.quality import is_pickle_file
+        if self.classifier and is_pickle_file(self.classifier) and not self.trust_pickle:
+            raise ValueError(f"classifier {self.classifier!r} is a joblib/pickle file, which runs code when "
+                             "loaded: save the model with skops (.skops) instead, or set "
+                             "cluster.prune.trust_pickle: true if you trust the file")
+        return self
 
 
 class MergeConfig(BaseModel):

@@ -2,12 +2,12 @@
 
     dedup:
       exact: true                     # normalised-text hash (operators/dedup_exact.py)
+      buckets: 64                     # shuffle partitions of the hash and band rows (memory per task)
       near:                           # MinHash LSH (operators/minhash.py); omit to skip
         threshold: 0.8                # or bands: 14, rows: 8 (the default); not both
         num_perm: 112                 # permutations; bands x rows <= num_perm
         shingle: 5                    # words per shingle
         seed: 1
-        buckets: 64                   # shuffle partitions of band rows (memory per task)
         min_similarity: null          # drop candidate pairs whose estimated Jaccard is lower
     decontaminate:
       sources: [...]                  # eval sets, given like any source (pipeline/config.py)
@@ -73,7 +73,6 @@ class NearDedupConfig(_Strict):
     rows: int | None = Field(None, ge=1)
     shingle: int = Field(5, ge=1, le=64, description="words per shingle")
     seed: int = Field(1, ge=0, lt=2**32)
-    buckets: int = Field(64, ge=1, le=65536, description="shuffle partitions of the band rows")
     min_similarity: float | None = Field(None, ge=0, le=1, description="verify candidate pairs")
 
     @model_validator(mode="after")
@@ -110,6 +109,7 @@ class DedupConfig(_Strict):
     """`dedup:`: exact and/or near-duplicate removal, before embedding."""
     exact: bool = True
     near: NearDedupConfig | None = None
+    buckets: int = Field(64, ge=1, le=65536, description="shuffle partitions of the exact-hash and band rows")
 
     @model_validator(mode="after")
     def _something(self):

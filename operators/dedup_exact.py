@@ -1,9 +1,9 @@
 """Exact dedup: one document per normalised-text hash, the lowest order key kept.
 
     A  per read part:  rows = exact_rows(order_keys(part_index, n), docs[ID], document_texts(docs))
-                       for bucket, t in enumerate(partition_by_bucket(rows, HASH_LO, buckets)):
-                           write exact/<bucket>/<part>.arrow
-    B  per bucket:     removals = exact_duplicates(concat of exact/<bucket>/*.arrow)
+                       write exact/<part>.arrow: the batches of partition_by_bucket(rows, HASH_LO,
+                           dedup_config.buckets), in bucket order (operators/minhash.py)
+    B  per bucket b:   removals = exact_duplicates(batch b of every exact/<part>.arrow, as one table)
     D  per read part:  keep = ~removal_mask(keys, all removals' ORDER_KEY)   (dedup_graph.py)
 
 Normalisation (text_norm.normalize_exact): NFKC, lowercase, whitespace runs -> one

@@ -147,7 +147,9 @@ class DocumentEmbedder(Operator):
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self.dtype or ("float32" if not device.startswith("cuda")
                                else "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-        model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        # safetensors only (a pytorch_model.bin is a pickle), and no Python from the model directory
+        model = SentenceTransformer(str(path), device=device, local_files_only=True, trust_remote_code=False,
+                                    model_kwargs={"use_safetensors": True})
         model.to(getattr(torch, dtype))
         model.max_seq_length = self.max_seq_length
         model.eval()

@@ -3,9 +3,12 @@
 Pure torch + transformers (no ray); one proxy is one call to `train_proxy`, so the orchestrator
 can run each as a Ray task with `num_gpus`. A proxy is a tiny Llama (RoPE, SwiGLU, RMSNorm)
 trained from scratch (or from `init_from`) on packed rows with AdamW, linear warm-up and cosine
-decay to 10% of `lr`; the defaults (hidden 64, 2 layers, 4 heads, seq_len 128, 200 steps of 16
-rows, ~0.4M tokens) train in ~10-30 s on one CPU core with a 2-4k vocabulary. The paper's
-proxies are 62M / 350M parameters on ~1B tokens; pass those sizes for a real search.
+decay to 10% of `lr`. The defaults (hidden 64, 2 layers, 4 heads, seq_len 128, 200 steps of 16
+rows, ~0.4M tokens) cost 44 s per proxy (training and eval_loss over 256 target rows) on one CPU
+core with 8,193 ids, 26 s with 4,097, 238 s with a GPT-2-sized 50,257 (454 s when the loss still
+built the [B, T, V] logits): the output matmuls are most of a step, hence the stage's compact
+vocabulary `mixture.proxy_vocab` (benchmarks/bench_proxy_vocab.py, a shared 2-core EPYC). The
+paper's proxies are 62M / 350M parameters on ~1B tokens; pass those sizes for a real search.
 
 Scores: `eval_loss` = mean next-token cross-entropy (nats per predicted token) on target rows,
 the default search metric (lower is better). `eval_multiple_choice` = accuracy of picking the
@@ -101,14 +104,81 @@ def train_proxy(token_rows_NT, vocab_size: int, cfg: ProxyConfig, device: str | 
 
 
 def _loss_sum(model: torch.nn.Module, ids_BT: torch.Tensor, pad_id: int | None = None):
-    """(sum of next-token CE in nats, number of predicted tokens); pad_id targets are ignored."""
-    logits = model(input_ids=ids_BT).logits[:, :-1].float()
+    """(sum of next-token CE in nats, number of predicted tokens); pad_id targets are ignored.
+
+    A Llama (what build_proxy makes) goes through `_linear_cross_entropy`: hidden states of the
+    T-1 predicting positions times the tied output matrix, chunk by chunk, so the [B, T, V]
+    logits never exist; other models (an `init_from` checkpoint of another family, whose head
+    may scale or cap logits) through their own logits."""
     targets = ids_BT[:, 1:]
     if pad_id is not None:
         targets = targets.masked_fill(targets == pad_id, -100)
+    count = int((targets != -100).sum())
+    if getattr(model.config, "model_type", None) == "llama" and getattr(model.lm_head, "bias", None) is None:
+        hidden = model.model(input_ids=ids_BT).last_hidden_state[:, :-1]
+        return _linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
+                                     targets.reshape(-1)), count
+    logits = model(input_ids=ids_BT).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
-    return loss, int((targets != -100).sum())
+    return loss, count
+
+
+# fp32 logits per chunk: 8 MiB (256 rows of an 8k vocabulary) stays in a core's share of L3.
+_CHUNK_BYTES = 8 << 20
+
+
+def _linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """sum_n CE(hidden_n @ weight.T, target_n) over targets != -100, in nats, differentiable in
+    hidden and weight, without materialising the [N, V] logits.
+
+    Rows go in chunks of ~_CHUNK_BYTES of fp32 logits; the gradients are computed in the forward
+    pass (softmax - onehot, two matmuls) and kept ([N, H] + [V, H]), as Liger's fused linear
+    cross-entropy does on GPUs. Against full logits + F.cross_entropy (+ the [:, :-1] slice,
+    whose backward zero-fills and copies a [B, T, V] tensor) a default proxy step took 1.2 s
+    instead of 2.3 s with 50,257 ids and 0.24 s instead of 0.42 s with 8,193 (alternating runs
+    on one core); the three logits matmuls are most of the rest. Eval needs no gradients: chunks only bound memory
+    (eval_loss's 64 rows were 1.6 GB of logits with 50k ids)."""
+    if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
+        return _LinearCrossEntropy.apply(hidden_NH, weight_VH, targets_N)
+    return _linear_ce_chunks(hidden_NH, weight_VH, targets_N, want_grad=False)[0]
+
+
+def _linear_ce_chunks(hidden_NH, weight_VH, targets_N, *, want_grad: bool):
+    """(loss sum fp32 scalar, d loss / d hidden [N, H] or None, d loss / d weight [V, H] or None)."""
+    h, w = hidden_NH.float(), weight_VH.float()
+    chunk = max(32, _CHUNK_BYTES // (4 * w.shape[0]))
+    total = h.new_zeros(())
+    grad_h = torch.zeros_like(h) if want_grad else None
+    grad_w = torch.zeros_like(w) if want_grad else None
+    for s in range(0, len(h), chunk):
+        h_c, t_c = h[s:s + chunk], targets_N[s:s + chunk]
+        valid = t_c != -100
+        rows, t_safe = torch.arange(len(t_c), device=t_c.device), t_c.clamp_min(0)
+        logits = h_c @ w.T
+        lse = torch.logsumexp(logits, 1)
+        total = total + ((lse - logits[rows, t_safe]) * valid).sum()
+        if want_grad:
+            probs = logits.sub_(lse[:, None]).exp_()   # softmax, in place of the logits
+            probs[rows, t_safe] -= 1.0
+            if not bool(valid.all()):
+                probs[~valid] = 0.0
+            grad_h[s:s + chunk] = probs @ w
+            grad_w.addmm_(probs.T, h_c)
+    return total, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N):
+        total, grad_h, grad_w = _linear_ce_chunks(hidden_NH, weight_VH, targets_N, want_grad=True)
+        ctx.save_for_backward(grad_h.to(hidden_NH.dtype), grad_w.to(weight_VH.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None
 
 
 @torch.no_grad()

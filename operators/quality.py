@@ -24,13 +24,16 @@ Two scorers behind one operator, `QualityScorer` (adds `quality`, float32):
   boilerplate and garbage, not subtle quality; use a trained classifier for that.
   `heuristic_features` exposes each signal for inspection.
 
-* **classifier** loaded from a local joblib/pickle file (`ClassifierScorer`): any
+* **classifier** loaded from a local file (`ClassifierScorer`): any
   scikit-learn estimator or Pipeline that takes a list of raw strings, e.g.
   `make_pipeline(TfidfVectorizer(), LogisticRegression())`. With `predict_proba`, its
   `classes_` must be numeric quality levels in [0, 5] (e.g. 0..5 as in FineWeb-Edu, or
   0/5 for a bad/good classifier); score = expected level = sum_c P(c) * c. Without
   `predict_proba`, `predict` must return numbers (a regressor); they are clipped to
-  [0, 5]. joblib files run code when loaded: load only files you trust.
+  [0, 5]. Format: a `.skops` file (`skops.io.dump`), loaded with only the types skops trusts
+  by default (scikit-learn, numpy, scipy): a file naming any other type is refused, so loading
+  it cannot run code. A joblib/pickle file (any other extension) runs code when loaded and is
+  refused unless `trust_pickle=True` (config: `cluster.prune.trust_pickle: true`).
 """
 from __future__ import annotations
 
@@ -107,6 +110,27 @@ def heuristic_scores(texts: Sequence[str]) -> np.ndarray:
     return 5.0 * _signal_matrix(texts).mean(axis=1)
 
 
+def is_pickle_file(path: str | Path) -> bool:
+    """Whether a classifier file would be loaded with pickle (anything but `.skops`)."""
+    return not str(path).endswith(".skops")
+
+
+def load_classifier(path: Path, trust_pickle: bool = False):
+    """The estimator in a `.skops` file (default-trusted types only), or in a joblib/pickle file
+    when `trust_pickle`; raises ValueError naming the file otherwise."""
+    if not is_pickle_file(path):
+        import skops.io as sio
+        untrusted = sio.get_untrusted_types(file=path)
+        if untrusted:
+            raise ValueError(f"{path}: refusing to load types skops does not trust by default: {untrusted}")
+        return sio.load(path)
+    if not trust_pickle:
+        raise ValueError(f"{path}: a joblib/pickle file runs code when loaded; save it with skops "
+                         "(.skops), or pass trust_pickle=True (cluster.prune.trust_pickle: true) if you trust it")
+    import joblib
+    return joblib.load(path)
+
+
 class ClassifierScorer:
     """A scikit-learn model from a joblib file; call it on strings -> float32 [N] on 0-5.
 
@@ -115,14 +139,12 @@ class ClassifierScorer:
     returning numbers (clipped to [0, 5]).
     """
 
-    def __init__(self, path: str | Path):
-        import joblib
-
+    def __init__(self, path: str | Path, trust_pickle: bool = False):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"quality classifier not found: {path}")
         self.path = path
-        self.model = joblib.load(path)
+        self.model = load_classifier(path, trust_pickle)
         self.levels: np.ndarray | None = None
         if hasattr(self.model, "predict_proba"):
             try:
@@ -151,13 +173,14 @@ class QualityScorer(Operator):
     reads = (TEXT, PROMPT, RESPONSE)
     adds = (QUALITY,)
 
-    def __init__(self, *, classifier: str | None = None):
-        self.classifier = classifier
+    def __init__(self, *, classifier: str | None = None, trust_pickle: bool = False):
+        self.classifier, self.trust_pickle = classifier, trust_pickle
         self._score: Callable[[Sequence[str]], np.ndarray] | None = None
 
     def setup(self) -> None:
         if self._score is None:
-            self._score = ClassifierScorer(self.classifier) if self.classifier else heuristic_scores
+            self._score = (ClassifierScorer(self.classifier, self.trust_pickle) if self.classifier
+                           else heuristic_scores)
 
     def score_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [N] quality on 0-5."""

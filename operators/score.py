@@ -96,10 +96,13 @@ def load_causal_lm(path: str, *, device: str, dtype: torch.dtype, trust_remote_c
     if capture_attention:
         register_capture()
     has_st = any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path))
+    if not has_st:  # pytorch_model.bin is a pickle: loading it could run code
+        raise ValueError(f"model directory {path!r} has no .safetensors weights; models load from safetensors "
+                         "only (convert with `model.save_pretrained(dir)`, which writes safetensors)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype,
-            use_safetensors=True if has_st else None,
+            use_safetensors=True,
             attn_implementation=CAPTURE_ATTN if capture_attention else None)  # None: HF default (SDPA)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError... name the path
         raise ValueError(f"cannot load a causal LM from {path!r}: {type(e).__name__}: {e}") from e

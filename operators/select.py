@@ -12,13 +12,14 @@ The sample of ssToken is one attention segment: a document, or a piece of a spli
 Its prompt is its positions before its first target (BOS included). The reference code
 (`jianke0604/ssToken`, `filter_tokens_with_attention_loss`) takes prompt_len = the number
 of masked labels; for a single-turn row that is the same set. For a multi-turn row it is
-not: the reference counts every non-assistant token as "prompt" and ranks positions
-[prompt_len:], which mixes later user turns into the ranking and cuts the first assistant
-turn short; here the candidates are exactly the target tokens of every assistant turn and
-the prompt keys are the positions before the first one. A segment whose prompt is a single
-position (a continuation piece of a split document, or plain text) has only the attention
-sink there, so its attention term is dropped: its score is REL alone (gamma = 1), warm-up
-included. The reference code never sees such segments: it truncates samples at
+not: there prompt_len counts the tokens of every user turn, positions [0, prompt_len) are
+the attention keys and [prompt_len, end) the candidates, so the start of the first
+assistant reply is treated as prompt (attended to, and trained without being ranked) and
+later user-turn tokens take candidate slots. Here the candidates are exactly the target
+tokens of every assistant turn and the prompt keys are the positions before the first one.
+A segment whose prompt is a single position (a continuation piece of a split document, or
+plain text) has only the attention sink there, so its attention term is dropped: its score
+is REL alone (gamma = 1), warm-up included. The reference code never sees such segments: it truncates samples at
 max_seq_length.
 
 Conventions (docs/shard-format.md): "token t is a target" means the loss of

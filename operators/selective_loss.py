@@ -15,7 +15,9 @@ for ssToken, the live model's last-layer attention to the prompt:
   targets (per micro-batch, per device: what "the batch" is in a data-parallel run).
 * Loss = mean cross-entropy over the kept tokens (the reference code's reduction). Scores
   carry no gradient; the ranking runs in numpy (`operators/select.py`, the same code the
-  offline scorer uses), a [B, T] round trip to the CPU per step.
+  offline scorer uses), a [B, T] round trip to the CPU per step. The live loss is an fp32
+  log-softmax of the trainer's logits (bf16-rounded logits under bf16 autocast: the
+  stored ref_loss is not, see operators/score.py).
 
 A plain PyTorch loop over the shards:
 

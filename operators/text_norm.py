@@ -1,6 +1,7 @@
 """Text normalisation, words and hashed n-grams: what dedup and decontamination compare.
 
-Two normalisations, both columnar (pyarrow compute kernels, no per-row Python):
+Two normalisations, both columnar (pyarrow compute kernels, no per-row Python; rows that are
+pure ASCII skip NFKC and use ASCII-only patterns, 3-4x faster and identical in result):
 
 * `normalize_exact` (exact dedup): Unicode NFKC, lowercase, every whitespace run -> one
   space, trimmed. Punctuation and symbols stay: `a = b + c` and `a = b - c` are different
@@ -8,8 +9,9 @@ Two normalisations, both columnar (pyarrow compute kernels, no per-row Python):
 * `normalize_words` (near dedup, decontamination): NFKC, lowercase, every run of
   punctuation (`\\p{P}`) or symbols (`\\p{S}`) -> a space, each Han / Hiragana / Katakana
   character made a word of its own (Chinese and Japanese have no spaces; without this a
-  Toutiao title is one "word" and never gets a 5-word shingle), whitespace collapsed.
-  Digits are kept (DataTrove maps numbers to 0; a changed number is a changed problem).
+  Toutiao title is one "word" and never gets a 5-word shingle); words are then split on
+  runs of Unicode whitespace. Digits are kept (DataTrove maps numbers to 0; a changed
+  number is a changed problem).
 
 Words are hashed with xxh64 once per distinct word of a batch (`dictionary_encode`
 first: 8.5 MB of 20 Newsgroups is 1.47M words but 82k distinct ones, 0.06 s), and
@@ -37,13 +39,11 @@ def document_texts(table: pa.Table) -> pa.Array:
     names = table.column_names
     if S.TEXT not in names and S.PROMPT not in names:
         raise KeyError(f"dedup needs a {S.TEXT!r} or {S.PROMPT!r} column; the table has {names}")
-    n = table.num_rows
-    empty = pa.array([""] * n, pa.large_string())
     sft = None
     if S.PROMPT in names:
         prompt = pc.fill_null(table[S.PROMPT].combine_chunks().cast(pa.large_string()), "")
         response = (pc.fill_null(table[S.RESPONSE].combine_chunks().cast(pa.large_string()), "")
-                    if S.RESPONSE in names else empty)
+                    if S.RESPONSE in names else pa.repeat(pa.scalar("", pa.large_string()), table.num_rows))
         sft = pc.binary_join_element_wise(prompt, response, pa.scalar("\n\n", pa.large_string()))
     if S.TEXT not in names:
         return sft

@@ -97,6 +97,13 @@ class TokenizerConfig(_Strict):
     # convertible HF byte-level BPE files); library: always the tokenizer library itself
     encoder: Literal["auto", "library"] = "auto"
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v.startswith("."):  # names a directory under run_dir: no '.', '..' or hidden names
+            raise ValueError(f"tokenizer name {v!r} must not start with '.'")
+        return v
+
     @field_validator("spec")
     @classmethod
     def _spec(cls, v: str) -> str:
@@ -147,7 +154,8 @@ class MixtureSection(SearchKnobs):
     tokenizer: str | None = None        # whose tokens proxies train on and the budget counts; default: first
     proxy: ProxyConfig = ProxyConfig()
     domain_tokens: int = Field(4_000_000, ge=1, description="tokens kept per domain as proxy training data")
-    proxy_vocab: int | None = Field(8192, ge=1, description="most frequent token ids proxies see; the rest share one id")
+    proxy_vocab: int | None = Field(8192, ge=1, description="token ids proxies see, by share (each domain, "
+                                    "the target or task counting equally); the rest share one id")
     target_rows: int = Field(256, ge=1, description="rows of proxy.seq_len tokens the target loss averages")
     num_cpus: float = Field(1.0, gt=0, description="per proxy run (its torch threads)")
     num_gpus: float | None = Field(None, ge=0, description="per proxy run; default 1 when the cluster has GPUs")

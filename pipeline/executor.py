@@ -194,7 +194,8 @@ class Executor:
             # rather than let them run on after the driver has given up.
             for ref in pending:
                 ray.cancel(ref)
-            ray.wait(pending, num_returns=len(pending), timeout=10)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=10)
             raise
 
     def _run_actors(self, stage: str, items: list[Item], worker: type, res: Resources) -> None:

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -48,27 +48,10 @@ def verify_shards(shard_dir: str) -> dict:
 
 
 def reassemble(shard_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Each document's (input_ids, target_mask, loss_mask), joined from its pieces in start order."""
-    pieces = defaultdict(list)
-    for entry in sink.read_manifest(shard_dir)["shards"]:
-        t = sink.read_table(storage.join(shard_dir, entry["file"]))
-        ids, tgt, loss = (_fixed(t, c) for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK))
-        ntok = t.column(S.NUM_TOKENS).to_numpy()
-        for r, (doc_ids, offsets, starts) in enumerate(zip(t.column(S.DOC_IDS).to_pylist(),
-                                                           t.column(S.DOC_OFFSETS).to_pylist(),
-                                                           t.column(S.DOC_TOKEN_STARTS).to_pylist())):
-            ends = offsets[1:] + [int(ntok[r])]
-            for d, a, b, s in zip(doc_ids, offsets, ends, starts):
-                pieces[d].append((s, ids[r, a:b], tgt[r, a:b], loss[r, a:b]))
-    out = {}
-    for d, ps in pieces.items():
-        ps.sort(key=lambda p: p[0])
-        expect = 0
-        for s, seg, _, _ in ps:
-            assert s == expect, f"document {d}: piece starts at {s}, expected {expect} (lost or repeated tokens)"
-            expect += len(seg)
-        out[d] = tuple(np.concatenate([p[i] for p in ps]) for i in (1, 2, 3))
-    return out
+    """Each document's (input_ids, target_mask, loss_mask), joined from its pieces in start order
+    (the exporters' document stream, pipeline/export/documents.py; raises on lost or repeated tokens)."""
+    from pipeline.export.documents import iter_documents
+    return {doc_id: (ids, tgt, loss) for doc_id, ids, tgt, loss in iter_documents(shard_dir)}
 
 
 def _stage_names(run_dir: str) -> list[str]:

@@ -9,11 +9,19 @@ Every item marker `<stage>/done/<item>.json` carries `data.commit` (pipeline/exe
 2. checks every recorded output: present, with its size (always) and its sha256 (local disks
    only: sha256 runs at 680 MB/s per core on this 2-core machine, about 1.5 s per GB of run_dir on a
    re-run; on an object store the check would download every object, so there it is size only);
-   an output missing from a part directory removed by design (`_removed.json`, see
-   `RunLayout.remove_parts`) is not damage;
+   an output in a part directory removed by design (`_removed.json`) is not damage;
 3. an item with a damaged output loses its marker and its stage's `_SUCCESS.json`, so the
    stage re-runs that item. An input of that item that is gone (removed by design, or
-   damaged) has the item that produced it invalidated the same way, transitively.
+   damaged) has the item that produced it invalidated the same way, transitively;
+4. a part directory removed by design is produced again when a stage that read it is no
+   longer complete (its `_SUCCESS.json` deleted by hand, or by step 3): its producer items are
+   invalidated, transitively. So deleting `mix/` of a finished run recomputes mix from
+   re-made tokenize parts (and those from re-made read parts); `keep_intermediate: true`
+   makes such a resume cheaper at the cost of the disk.
+
+`remove_intermediates(layout, stages)` is the other half: it records, for each part directory
+it removes, the items that wrote it and the stages whose items read it (from the markers),
+before deleting it.
 
 Outputs are a pure function of the config and the inputs (that is what makes a resume
 byte-identical), so a recomputed item writes the same bytes, and the items downstream of it
@@ -62,19 +70,60 @@ def _marker_key(rel: str) -> tuple[str, str] | None:
     return None
 
 
-def _removed_by_design(rel: str, removed: set[str]) -> bool:
-    return any(rel.startswith(d + "/") for d in removed)
+def _under(rel: str, dirs) -> bool:
+    return any(rel.startswith(d + "/") for d in dirs)
+
+
+def _all_markers(layout: RunLayout, sizes: dict[str, int]) -> dict[tuple[str, str], dict]:
+    markers = {}
+    for rel in sizes:
+        key = _marker_key(rel)
+        if key is not None:
+            try:
+                markers[key] = read_marker(layout.path(*rel.split("/")))
+            except DamagedMarker:
+                continue
+    return markers
+
+
+def _commit(body: dict) -> dict:
+    data = body.get("data")
+    return data.get("commit", {}) if isinstance(data, dict) else {}
+
+
+def remove_intermediates(layout: RunLayout, stages: set[str]) -> list[str]:
+    """Delete `<stage>/parts/` of each stage after recording who wrote and who read it in
+    `_removed.json`; returns the directories removed."""
+    dirs = sorted(f"{s}/parts" for s in stages if storage.listdir(layout.path(*s.split("/"), "parts")))
+    if not dirs:
+        return []
+    markers = _all_markers(layout, storage.file_sizes(layout.run_dir))
+    record = layout.removed_record()
+    for d in dirs:
+        record[d] = {
+            "producers": sorted([list(k) for k, body in markers.items() if _under_any(_commit(body).get("outputs", {}), d)]),
+            "consumers": sorted({k[0] for k, body in markers.items() if _under_any(_commit(body).get("inputs", []), d)}),
+        }
+    layout.write_removed_record(record)  # before deleting: a crash in between leaves no unexplained loss
+    for d in dirs:
+        storage.remove_tree(layout.path(*d.split("/")))
+    return dirs
+
+
+def _under_any(paths, d: str) -> bool:
+    return any(p.startswith(d + "/") for p in paths)
 
 
 def verify_run_dir(layout: RunLayout, check_sha256: bool | None = None) -> Verification:
-    """Verify every finished item's recorded outputs; drop the markers of damaged items (and of
-    the producers of their lost inputs) so the stages recompute them. See the module docstring."""
+    """Verify every finished item's recorded outputs; drop the markers of damaged items, of the
+    producers of their lost inputs, and of the producers of removed parts that an incomplete
+    stage needs again, so the stages recompute them. See the module docstring."""
     t0 = time.time()
     report = Verification()
     if check_sha256 is None:
         check_sha256 = not storage.is_uri(layout.run_dir)
     sizes = storage.file_sizes(layout.run_dir)
-    removed = layout.removed_dirs()
+    removed = layout.removed_record()
 
     def drop(rel: str) -> None:
         storage.remove(layout.path(*rel.split("/")))
@@ -90,27 +139,21 @@ def verify_run_dir(layout: RunLayout, check_sha256: bool | None = None) -> Verif
         except DamagedMarker:
             report.damaged_markers.append(rel)
             drop(rel)
-            if key is not None:  # the item reads as not done: its stage is not complete either
-                stage_marker = f"{key[0]}/_SUCCESS.json"
-                if stage_marker in sizes:
-                    drop(stage_marker)
+            if key is not None and f"{key[0]}/_SUCCESS.json" in sizes:  # the item is not done: nor its stage
+                drop(f"{key[0]}/_SUCCESS.json")
             continue
         if key is not None:
             markers[key] = body
 
-    def commit(key) -> dict:
-        data = markers[key].get("data")
-        return data.get("commit", {}) if isinstance(data, dict) else {}
-
-    producer = {rel: key for key in markers for rel in commit(key).get("outputs", {})}
+    producer = {rel: key for key in markers for rel in _commit(markers[key]).get("outputs", {})}
     bad: dict[tuple[str, str], str] = {}
     for key in markers:
         report.items += 1
-        for rel, rec in commit(key).get("outputs", {}).items():
+        for rel, rec in _commit(markers[key]).get("outputs", {}).items():
             report.files += 1
             size = sizes.get(rel)
             if size is None:
-                if not _removed_by_design(rel, removed):
+                if not _under(rel, removed):
                     bad[key] = f"{rel} is missing"
                     break
                 continue
@@ -123,15 +166,28 @@ def verify_run_dir(layout: RunLayout, check_sha256: bool | None = None) -> Verif
                     bad[key] = f"{rel} does not match its sha256"
                     break
 
-    # A damaged item re-runs; an input it needs that is gone must be produced again first.
-    queue = list(bad)
-    while queue:
-        key = queue.pop()
-        for rel in commit(key).get("inputs", []):
-            source = producer.get(rel)
-            if rel not in sizes and source is not None and source not in bad:
-                bad[source] = f"{rel} is needed again by {key[0]}/{key[1]}"
-                queue.append(source)
+    def complete(stage: str) -> bool:
+        return f"{stage}/_SUCCESS.json" in sizes and not any(k[0] == stage for k in bad)
+
+    changed = True
+    while changed:
+        changed = False
+        # A damaged item re-runs; an input it needs that is gone must be produced again first.
+        for key in list(bad):
+            for rel in _commit(markers[key]).get("inputs", []):
+                source = producer.get(rel)
+                if rel not in sizes and source is not None and source not in bad:
+                    bad[source] = f"{rel} is needed again by {key[0]}/{key[1]}"
+                    changed = True
+        # A removed part directory that an incomplete stage read is produced again.
+        for d, info in removed.items():
+            waiting = [c for c in info.get("consumers", []) if not complete(c)]
+            if not waiting or _under_any(sizes, d):
+                continue
+            for stage, item in info.get("producers", []):
+                if (stage, item) in markers and (stage, item) not in bad:
+                    bad[(stage, item)] = f"{d} (removed) is needed again by {waiting[0]}"
+                    changed = True
 
     for (stage, item), why in bad.items():
         storage.remove(layout.done_marker(stage, item))

@@ -35,6 +35,11 @@ class RunLayout:
         self.run_dir = run_dir
 
     def path(self, *parts: str) -> str:
+        """A path inside run_dir. Names come from code and validated config (item names, tokenizer
+        names), never from input rows; still, a part that could leave run_dir is refused."""
+        for part in parts:
+            if part.startswith(("/", "\\")) or ".." in part.replace("\\", "/").split("/"):
+                raise ValueError(f"{part!r} would name a path outside run_dir {self.run_dir}")
         return storage.join(self.run_dir, *parts)
 
     def stage_dir(self, stage: str) -> str:
@@ -76,27 +81,20 @@ class RunLayout:
 
     # -- intermediate parts removed by design ------------------------------------------------
 
-    def removed_dirs(self) -> set[str]:
-        """Part directories (relative to run_dir) removed once no later stage read them."""
+    def removed_record(self) -> dict[str, dict]:
+        """Part directories (relative to run_dir) removed once no later stage read them:
+        {dir: {"producers": [[stage, item], ...], "consumers": [stage, ...]}} (pipeline/integrity.py)."""
         path = self.path("_removed.json")
         if not storage.exists(path):
-            return set()
+            return {}
         try:
-            return set(json.loads(storage.read_text(path))["removed"])
+            record = json.loads(storage.read_text(path))["removed"]
         except (ValueError, KeyError, TypeError):
-            return set()
+            return {}
+        return record if isinstance(record, dict) else {}
 
-    def remove_parts(self, stages: set[str]) -> list[str]:
-        """Delete `<stage>/parts/` of each stage, recording it first in `_removed.json` (so a
-        re-run's verification tells a part removed by design from a lost one); returns the
-        directories removed."""
-        dirs = sorted(f"{s}/parts" for s in stages if storage.listdir(self.path(*s.split("/"), "parts")))
-        if dirs:
-            record = sorted(self.removed_dirs() | set(dirs))
-            storage.write_text_atomic(self.path("_removed.json"), json.dumps({"removed": record}) + "\n")
-            for d in dirs:
-                storage.remove_tree(self.path(*d.split("/")))
-        return dirs
+    def write_removed_record(self, record: dict[str, dict]) -> None:
+        storage.write_text_atomic(self.path("_removed.json"), json.dumps({"removed": record}, sort_keys=True) + "\n")
 
     def write_quarantine(self, name: str, records: list[dict]) -> None:
         """One JSON object per rejected row; nothing is written when there are none."""

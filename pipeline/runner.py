@@ -21,7 +21,8 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, check_inputs
-from pipeline.integrity import verify_run_dir
+from pipeline.duplicate_ids import report_duplicate_ids
+from pipeline.integrity import remove_intermediates, verify_run_dir
 from pipeline.layout import RunLayout, acquire_lock, release_lock
 from pipeline.manifest import write_shard_manifest
 from pipeline.stages.base import Run, Stage
@@ -108,13 +109,20 @@ def run(config: Config, address: str | None = None, verbose: bool = False,
             say(verification.line())
         run_state = Run(config, layout, say, cluster=cluster_resources(), tokenizers=tokenizers)
         executor = Executor(layout, run_state.context, say)
-        for stage in stages:
+        for i, stage in enumerate(stages):
             live = live_parts(run_state)
-            stage.execute(run_state, executor)
+            results = stage.execute(run_state, executor)
+            if i == 0:  # the reading stage (read, or the fused plain path)
+                report_duplicate_ids(run_state, stage.name, results or [], say)
             _remove_intermediates(config, layout, live - live_parts(run_state))
         outputs = _write_manifests(config, layout, run_state)
+        if config.export:
+            from pipeline.export import run_exports
+            run_exports(config, config.run_dir)
         if config.pack is not None:  # the shards are the product; without them the parts are
             _remove_intermediates(config, layout, live_parts(run_state))
+        from pipeline.report import write_report
+        say(f"report: {write_report(config.run_dir)}")
     finally:
         release_lock(layout)
     say("done")
@@ -128,7 +136,7 @@ def live_parts(run_state: Run) -> set[str]:
 
 def _remove_intermediates(config: Config, layout: RunLayout, stages: set[str]) -> None:
     if not config.keep_intermediate and stages:
-        removed = layout.remove_parts(stages)
+        removed = remove_intermediates(layout, stages)
         if removed:
             say(f"removed intermediate parts no later stage reads: {', '.join(removed)} (keep_intermediate: true keeps them)")
 

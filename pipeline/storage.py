@@ -52,6 +52,7 @@ class StorageError(OSError):
 _PERMANENT = (  # (text in pyarrow's message, what it means) for object-store errors never retried
     ("NO_SUCH_BUCKET", "the bucket does not exist"),
     ("Bucket does not exist", "the bucket does not exist"),
+    ("not found. To create buckets", "the bucket does not exist"),
     ("ACCESS_DENIED", "access denied (HTTP 403): check the credentials and the bucket policy"),
     ("HTTP status 403", "access denied (HTTP 403): check the credentials and the bucket policy"),
     ("InvalidAccessKeyId", "access denied: the access key is not known to the store"),
@@ -66,6 +67,13 @@ def _storage_errors(path: str):
         try:
             yield
         except StorageError:
+            raise
+        except FileNotFoundError:
+            if is_uri(path) and not path.startswith("file://"):  # a missing key, or a missing bucket?
+                fs, p = resolve(path)
+                bucket = p.split("/", 1)[0]
+                if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(errno.ENOENT, f"{path}: the bucket {bucket!r} does not exist") from None
             raise
         except OSError as e:
             if is_uri(path):

@@ -12,7 +12,7 @@ _TOKENIZERS: dict[tuple, Tokenize] = {}
 def _build(config: Config, index: int) -> Tokenize:
     t = config.tokenize.tokenizers[index]
     op = Tokenize(spec=t.spec, add_bos=t.add_bos, add_eos=t.add_eos, chat_template=t.chat_template,
-                  read_bytes=storage.read_bytes, exists=storage.exists)
+                  read_bytes=storage.read_bytes, exists=storage.exists, encoder=t.encoder)
     op.setup()
     return op
 
@@ -20,7 +20,7 @@ def _build(config: Config, index: int) -> Tokenize:
 def get_tokenizer(config: Config, index: int) -> Tokenize:
     """The loaded tokenizer `tokenize.tokenizers[index]`, one load per process."""
     t = config.tokenize.tokenizers[index]
-    key = (t.spec, t.add_bos, t.add_eos, t.chat_template)
+    key = (t.spec, t.add_bos, t.add_eos, t.chat_template, t.encoder)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = _build(config, index)
     return _TOKENIZERS[key]

@@ -230,6 +230,7 @@ def final_result(state: SearchState) -> dict:
                         minimize=state.minimize, **cfg.sampler())
     rc = rank_correlation_heldout(w, y, seed=_round_seed(cfg.seed, R + 1), num_threads=cfg.predictor_threads)
     best_trial = done[int(best_first(y, state.minimize)[0])]
+    predicted = _predicted_when_planned(state)
     as_map = lambda v: {str(d): float(x) for d, x in zip(state.domain_ids, v)}  # noqa: E731
     return {
         "weights": as_map(best),
@@ -243,6 +244,23 @@ def final_result(state: SearchState) -> dict:
         "predictor": predictor.info,
         "config": cfg.model_dump(),
         "history": [{"round": t.round, "index": t.index, "status": t.status, "weights": as_map(t.weights),
-                     cfg.metric: t.score} for t in sorted(state.trials, key=lambda t: (t.round, t.index))],
+                     cfg.metric: t.score, **({"predicted": predicted[t.round, t.index]} if (t.round, t.index)
+                                             in predicted else {})}
+                    for t in sorted(state.trials, key=lambda t: (t.round, t.index))],
     }
+
+
+def _predicted_when_planned(state: SearchState) -> dict[tuple[int, int], float]:
+    """What the predictor that planned round r (fit on the finished trials before it, as in
+    plan_round) predicted for each trial of round r >= 1: the search's predicted-vs-observed."""
+    cfg, out = state.config, {}
+    for r in range(1, state.num_rounds):
+        done, trials = state.finished(before_round=r), state.round_trials(r)
+        if len(done) < 2 or not trials:
+            continue
+        predictor = fit_predictor([t.weights for t in done], [t.score for t in done],
+                                  seed=_round_seed(cfg.seed, r), num_threads=cfg.predictor_threads)
+        pred = predictor.predict(np.array([t.weights for t in trials]))
+        out.update({(r, t.index): float(p) for t, p in zip(trials, pred)})
+    return out
 

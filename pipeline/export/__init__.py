@@ -41,7 +41,8 @@ def dropped_masks(manifest: dict) -> list[str]:
     c, lost = manifest["counts"], []
     method = manifest.get("selection", {}).get("method", "none")
     if method != "none":
-        lost.append(f"the {method} selection's loss_mask ({c['loss_tokens']} of {c['target_tokens']} target tokens kept)")
+        lost.append(f"the {method} selection's loss_mask "
+                    f"({c['loss_tokens']} of {c['target_tokens']} target tokens kept)")
     pieces = manifest.get("packing", {}).get("pieces")
     if pieces is not None and c["target_tokens"] < c["tokens"] - pieces:
         lost.append(f"the target_mask of {c['tokens'] - pieces - c['target_tokens']} tokens that are not targets "

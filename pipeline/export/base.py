@@ -44,7 +44,12 @@ def unsigned_token_dtype(vocab_size: int) -> type:
 
 
 def cast_tokens(ids: np.ndarray, dtype: type, where: str) -> np.ndarray:
-    """ids as `dtype`, refusing ids that do not fit (a manifest whose vocab_size is too small)."""
+    """int32 ids as `dtype`, refusing ids that do not fit (a manifest whose vocab_size is too small)."""
+    if np.dtype(dtype).itemsize >= ids.dtype.itemsize:  # widening or same: only a negative id cannot fit
+        if np.dtype(dtype).kind == "u" and len(ids) and int(ids.min()) < 0:
+            raise ExportError(f"{where}: negative token id {int(ids.min())}")
+        same = np.dtype(dtype).itemsize == ids.dtype.itemsize
+        return ids.view(dtype) if same else ids.astype(dtype)  # int32 -> uint32: the same bits, no copy
     if len(ids) and (int(ids.max()) > np.iinfo(dtype).max or int(ids.min()) < 0):
         raise ExportError(f"{where}: token id {int(ids.max())} does not fit {np.dtype(dtype).name} "
                           f"(manifest vocab_size is too small)")

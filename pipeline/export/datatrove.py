@@ -42,7 +42,7 @@ def write(job: ExportJob) -> dict:
         for batch in iter_document_batches(job.shards):
             files[""].write(memoryview(cast_tokens(batch.input_ids, dtype, NAME)))
             files[".index"].write((np.cumsum(batch.lengths, dtype=np.uint64) + np.uint64(num_tokens)).tobytes())
-            files[".loss"].write(memoryview(batch.loss_mask.astype(np.bool_, copy=False)))
+            files[".loss"].write(memoryview(batch.loss_mask.view(np.bool_)))  # 0/1 bytes: already bools
             docs.add(batch)
             num_docs += batch.num_docs
             num_tokens += len(batch.input_ids)

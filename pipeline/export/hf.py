@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from operators import schema as S
 from pipeline.export.base import ExportFormat, ExportJob, check_totals
-from pipeline.export.documents import fixed_2d, piece_table
+from pipeline.export.documents import piece_table, real_tokens
 
 COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths")
 
@@ -36,18 +36,17 @@ def features():
     return datasets.Features({c: datasets.List(datasets.Value("int32")) for c in COLUMNS})
 
 
-def _rows(batch: pa.RecordBatch, seq_len: int, file: str, schema: pa.Schema) -> tuple[pa.RecordBatch, int, int]:
+def _rows(batch: pa.RecordBatch, file: str, schema: pa.Schema) -> tuple[pa.RecordBatch, int, int]:
     """(HF record batch, documents starting in it, loss tokens) for one shard record batch."""
     _, _, length, start, _ = piece_table(batch, file)
     ntok = batch.column(S.NUM_TOKENS).to_numpy().astype(np.int64)
-    real = np.arange(seq_len)[None, :] < ntok[:, None]
-    ids = fixed_2d(batch, S.INPUT_IDS)[real]
-    loss = fixed_2d(batch, S.LOSS_MASK)[real]
+    ids = real_tokens(batch, S.INPUT_IDS, ntok)
+    loss = real_tokens(batch, S.LOSS_MASK, ntok)
     labels = np.where(loss.astype(bool), ids, np.int32(-100)).astype(np.int32)
-    pos = fixed_2d(batch, S.POSITION_IDS)[real]
+    pos = real_tokens(batch, S.POSITION_IDS, ntok)
     tok_offsets = pa.array(np.r_[0, np.cumsum(ntok)].astype(np.int32))
-    piece_offsets = pa.array(np.r_[0, np.cumsum(pc.list_value_length(batch.column(S.DOC_OFFSETS))
-                                                .to_numpy(zero_copy_only=False))].astype(np.int32))
+    pieces_per_row = pc.list_value_length(batch.column(S.DOC_OFFSETS)).to_numpy(zero_copy_only=False)
+    piece_offsets = pa.array(np.r_[0, np.cumsum(pieces_per_row)].astype(np.int32))
 
     def lists(offsets, values):
         return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32()))
@@ -68,7 +67,7 @@ def write(job: ExportJob) -> dict:
         tmp = job.out.temp(name)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for batch in job.shards.record_batches(file):
-                out, d, lt = _rows(batch, job.shards.seq_len, file, schema)
+                out, d, lt = _rows(batch, file, schema)
                 writer.write_batch(out)
                 rows += batch.num_rows
                 docs += d
@@ -80,7 +79,8 @@ def write(job: ExportJob) -> dict:
     state = {"_data_files": [{"filename": f} for f in names], "_fingerprint": fingerprint,
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
              "_output_all_columns": False, "_split": None}
-    info = asdict(datasets.DatasetInfo(features=feats, description=f"tokenmill shards {job.shards.shard_dir}"))
+    about = f"tokenmill shards (manifest sha256 {job.shards.manifest_sha256})"
+    info = asdict(datasets.DatasetInfo(features=feats, description=about))
     job.out.write_small("state.json", json.dumps(state, indent=2, sort_keys=True).encode())
     job.out.write_small("dataset_info.json", json.dumps({k: info[k] for k in sorted(info)}, indent=2).encode())
     return {"counts": {"rows": rows, "docs": docs, "tokens": tokens, "loss_tokens": loss_tokens},

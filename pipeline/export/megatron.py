@@ -83,7 +83,7 @@ def write(job: ExportJob) -> dict:
     dtype = megatron_dtype(job.shards.vocab_size)
     writer = IndexedDatasetWriter(job.out, "data", dtype)
     docs = DocumentList(job.out)
-    for batch in iter_document_batches(job.shards):
+    for batch in iter_document_batches(job.shards, masks=False):
         writer.add(batch.input_ids, batch.lengths)
         docs.add(batch)
     check_totals(job.shards, writer.num_docs, writer.num_tokens)
@@ -111,7 +111,7 @@ def write_blend(job: ExportJob) -> dict:
     weights = mixture_weights(job)
     writers: dict[int, IndexedDatasetWriter] = {}
     docs = DocumentList(job.out)
-    for batch in iter_document_batches(job.shards):
+    for batch in iter_document_batches(job.shards, masks=False):
         if batch.domain_ids is None:
             raise ExportError(f"{job.shards.shard_dir}: the shards have no domain_ids column, so there are no "
                               f"domains to split (megatron-blend needs a run with a cluster section)")

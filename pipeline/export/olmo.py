@@ -50,10 +50,13 @@ def write(job: ExportJob) -> dict:
             ends = np.cumsum(batch.lengths)
             last = ends - 1
             no_eos += int((batch.input_ids[last] != eos).sum())
-            inner_eos += len(np.unique(np.searchsorted(ends, np.setdiff1d(np.flatnonzero(batch.input_ids == eos), last),
-                                                       side="right")))
+            eos_at = np.flatnonzero(batch.input_ids == eos)
+            is_last = np.zeros(len(batch.input_ids), bool)
+            is_last[last] = True
+            inner = eos_at[~is_last[eos_at]]  # EOS ids before a document's end: the documents holding them
+            inner_eos += len(np.unique(np.searchsorted(ends, inner, side="right")))
             tokens.write(memoryview(cast_tokens(batch.input_ids, dtype, TOKENS)))
-            masks.write(memoryview(batch.loss_mask.astype(np.bool_, copy=False)))
+            masks.write(memoryview(batch.loss_mask.view(np.bool_)))  # 0/1 bytes: already bools
             starts = (ends - batch.lengths + num_tokens).tolist()
             meta.write("".join(f"{s},{e}\n" for s, e in zip(starts, (ends + num_tokens).tolist())))
             docs.add(batch)

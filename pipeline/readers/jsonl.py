@@ -10,6 +10,7 @@ Line numbers are 1-based and count blank lines; without an id field the id is `<
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +23,37 @@ from pipeline.readers.blocks import byte_blocks
 from pipeline.readers.columns import validate_columns
 from pipeline.readers.lines import line_blocks
 from pipeline.readers.validate import Chunk, DocBuilder, body_fields
+
+
+# A JSON escape of a UTF-16 surrogate: alone it decodes to a str that is not Unicode text.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_OBJECT_FIRST = re.compile(rb"[ \t\r]*\{")
+
+
+def parse_json_line(raw: str):
+    """(object, None) or (None, quarantine reason). Never raises: besides malformed JSON, Python's
+    parser refuses integers over 4300 digits (ValueError) and nesting deeper than the recursion
+    limit (RecursionError)."""
+    try:
+        return json.loads(raw), None
+    except json.JSONDecodeError as e:
+        return None, json_error_reason(e)
+    except RecursionError:
+        return None, "invalid JSON: nested deeper than the parser's recursion limit"
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
+        return None, f"invalid JSON: {str(e).split(';')[0]}"
+
+
+def lone_surrogate(obj, fields: list[str]) -> str | None:
+    """The reason a row is not Unicode text, when a field it keeps holds a lone surrogate."""
+    for field in fields:
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"field '{field}' holds a lone surrogate \\u{ord(value[e.start]):04x} at character {e.start}"
+    return None
 
 
 def json_error_reason(e: json.JSONDecodeError) -> str:
@@ -53,6 +85,10 @@ def _fast_jsonl(block: bytes, first_line: int, b: DocBuilder) -> bool:
     """
     if b"\n\n" in block or block.startswith(b"\n"):
         return False
+    # A block whose first row is not an object cannot be taken anyway, and a first row `null`
+    # crashes Arrow's JSON reader (pyarrow 26.0.1: SIGSEGV; found by tests/unit/test_fuzz_readers.py).
+    if not _OBJECT_FIRST.match(block):
+        return False
     try:
         block.decode("utf-8")
     except UnicodeDecodeError:
@@ -69,7 +105,11 @@ def _fast_jsonl(block: bytes, first_line: int, b: DocBuilder) -> bool:
         probe = DocBuilder(b.src, b.path, ReadConfig(max_doc_chars=b.max_chars))
         for i, _ in v.rejected:
             raw = lines[i].decode("utf-8")
-            probe.add_object(json.loads(raw), first_line + i, raw)
+            obj, why = parse_json_line(raw)
+            if why:
+                probe.reject(first_line + i, why, raw)
+            else:
+                probe.add_object(obj, first_line + i, raw)
         if probe.cols[S.ID]:  # the per-row checks kept a row the column checks did not: per-row for all
             return False
         b.quarantine.extend(probe.quarantine)
@@ -89,10 +129,11 @@ def _slow_jsonl(block: bytes, first_line: int, b: DocBuilder) -> None:
         except UnicodeDecodeError as e:
             b.reject(where, f"invalid UTF-8 at byte {e.start}", raw_bytes.decode("utf-8", "backslashreplace"))
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            b.reject(where, json_error_reason(e), raw)
+        obj, why = parse_json_line(raw)
+        if why is None and _SURROGATE_ESCAPE.search(raw_bytes):
+            why = lone_surrogate(obj, body_fields(b.src) + ([b.src.id_field] if b.src.id_field else []))
+        if why:
+            b.reject(where, why, raw)
             continue
         b.add_object(obj, where, raw)
 

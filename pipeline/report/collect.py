@@ -26,6 +26,8 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".npy", ".npz", ".arrow", ".parquet", ".yam
 _MAX_DEPTH = 3
 QUARANTINE_EXAMPLES = 3      # per reason
 RAW_CHARS = 240              # of a quarantined row shown on the page
+DOMAIN_EXAMPLES = 3          # example documents per domain: id and the start of the text
+SNIPPET_CHARS = 90
 
 # (tokens in, tokens out) key paths a stage marker may carry, most specific first.
 TOKEN_KEYS = (
@@ -163,12 +165,13 @@ def collect_domains(run_dir: str) -> dict | None:
     domains = []
     for i, d in enumerate(c.get("domains", [])):
         members = set(d.get("cluster_ids", []))
-        titles = [e.get("id", "") for cl in clusters if cl.get("cluster_id") in members for e in cl.get("examples", [])]
+        titles = [{"id": e.get("id", ""), "snippet": " ".join(str(e.get("snippet", "")).split())[:SNIPPET_CHARS]}
+                  for cl in clusters if cl.get("cluster_id") in members for e in cl.get("examples", [])]
         domains.append({"domain_id": d.get("domain_id", i),
                         "num_docs": ref(c, src, f"domains.{i}.num_docs"),
                         "num_tokens": ref(c, src, f"domains.{i}.num_tokens"),
                         "num_clusters": ref(c, src, f"count:domains.{i}.cluster_ids.*"),
-                        "top_terms": d.get("top_terms", [])[:8], "examples": titles[:3]})
+                        "top_terms": d.get("top_terms", [])[:8], "examples": titles[:DOMAIN_EXAMPLES]})
     pruned = [{"cluster_id": cl.get("cluster_id", i),
                "num_docs": ref(c, src, f"clusters.{i}.num_docs"),
                "quality_mean": ref(c, src, f"clusters.{i}.quality_mean"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from html import escape
 
 from pipeline.report import plots
-from pipeline.report.refs import value
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
@@ -23,7 +22,7 @@ section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:10px 
 h2{font-size:17px;margin:4px 0 8px}h3{font-size:14px;margin:12px 0 4px}
 table{border-collapse:collapse;font-size:12.5px;margin:4px 0 8px}
 th,td{padding:2px 8px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td:first-child{white-space:nowrap}th{background:#f6f8fa;font-weight:600}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .plot svg{max-width:100%;height:auto;display:block}
 .note{color:#57606a;font-size:12px;margin:2px 0 6px}
 .stats{display:flex;flex-wrap:wrap;gap:8px;margin:4px 0 8px}
@@ -116,7 +115,8 @@ def domains_section(d: dict) -> str:
         ("min_quality", "min quality")) if h.get(k) is not None)
     rows = [[f"domain {escape(str(x['domain_id']))}", num(x["num_docs"]), num(x["num_tokens"]), num(x["num_clusters"]),
              f'<span class="terms">{escape(", ".join(x["top_terms"]))}</span>',
-             "<br>".join(f"<code>{escape(t)}</code>" for t in x["examples"])] for x in d["domains"]]
+             "".join(f'<div><code>{escape(t["id"])}</code> <span class="terms">{escape(t["snippet"])}…</span></div>'
+                     for t in x["examples"])] for x in d["domains"]]
     unit = "words" if d.get("token_unit") == "whitespace_words" else "tokens"
     body = f'<div class="stats">{stats}</div>' + _table(
         ["domain", "documents", unit, "clusters", "top terms", "example documents"], rows, {1, 2, 3})
@@ -136,8 +136,11 @@ def mixture_section(m: dict) -> str:
         (f"best proxy {m['metric']}", m["best_trial"], "f4"), ("token budget", m["effective_budget_tokens"], "int"),
         ("documents mixed", m["documents"], "int")) if r is not None)
     note = ""
-    if m["rank_method"] or m["rank_reason"]:
-        note = f'<p class="note">{escape(m["rank_method"] or "")} {escape(m["rank_reason"] or "")}</p>'
+    if m["rank_method"]:
+        note = f'Predictor rank correlation: {escape(m["rank_method"])}.'
+    if m["rank_reason"]:
+        note += f' Not measured: {escape(m["rank_reason"])}.'
+    note = f'<p class="note">{note}</p>' if note else ""
     rounds = _table(["round", "proxies", f"best {m['metric']}", f"mean {m['metric']}", "seconds"],
                     [[f"round {r['round'] + 1}", num(r["proxies"]), num(r["best"], "f4"), num(r["mean"], "f4"),
                       num(r["seconds"], "f2")] for r in m["rounds"]], {1, 2, 3, 4})
@@ -219,4 +222,4 @@ def render(report: dict) -> str:
             f'<main><nav>{nav}</nav>{"".join(parts[k] for k, _ in SECTIONS if k in parts)}</main></body></html>')
 
 
-__all__ = ["render", "num", "value"]
+__all__ = ["render", "num"]

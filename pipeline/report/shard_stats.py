@@ -92,7 +92,7 @@ def collect_shards(run_dir: str) -> dict:
         selected = entry["selection_method"] not in (None, "none")
         cols = [S.DOC_IDS, S.DOC_OFFSETS, S.DOC_TOKEN_STARTS, S.NUM_TOKENS]
         if selected and selection is None:
-            cols += [S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, "token_scores"]
+            cols += [S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, S.TOKEN_SCORES]
         table, nfiles = _read_columns(run_dir, tok, m, cols)
         entry["sample"] = {"files": ref(m, src, f"count:shards[:{nfiles}]"),
                            "rows": ref(m, src, f"sum:shards[:{nfiles}].rows")}
@@ -114,8 +114,8 @@ def _selection(run_dir: str, tok: str, m: dict, src: str, table, sample: dict) -
     if table is None or not table.num_rows:
         return out
     tgt, loss = _fixed(table, S.TARGET_MASK).astype(bool), _fixed(table, S.LOSS_MASK).astype(bool)
-    if "token_scores" in table.column_names:
-        scores = _fixed(table, "token_scores").astype(np.float32)
+    if S.TOKEN_SCORES in table.column_names:
+        scores = _fixed(table, S.TOKEN_SCORES).astype(np.float32)
         finite = np.isfinite(scores) & tgt
         out["scores_kept"] = _histogram(scores[finite & loss], scores[finite])
         out["scores_dropped"] = _histogram(scores[finite & ~loss], scores[finite])

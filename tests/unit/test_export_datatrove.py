@@ -46,7 +46,8 @@ def test_loss_file_and_index_through_datatroves_merger(shard_run, tmp_path):
     export_run(str(shard_run["run_dir"]), "datatrove", tokenizer="bpe", out=str(tmp_path / "export"))
     tokens, loss, ends = _expected_stream(shard_run, "bpe", tmp_path / "export" / "bpe")
     assert loss.sum() < len(loss) * 0.7  # the selection is there to lose
-    merger = DocumentTokenizerMerger(input_folder=str(tmp_path / "export" / "bpe"), output_folder=str(tmp_path / "merged"),
+    merger = DocumentTokenizerMerger(input_folder=str(tmp_path / "export" / "bpe"),
+                                     output_folder=str(tmp_path / "merged"),
                                      save_filename="merged", shuffle=False, save_loss_metadata=True, progress=False)
     merger.run(None)
     folder = get_datafolder(str(tmp_path / "merged"))

@@ -33,13 +33,14 @@ def test_load_from_disk_gives_the_shard_rows(shard_run, tmp_path, name):
     assert m["counts"]["loss_tokens"] == sum(sum(1 for x in row if x != -100) for row in ds["labels"])
 
 
-def _reference_loss(model, rows) -> float:
-    """Mean next-token loss over our loss-masked tokens, each document piece run as its own sequence."""
+def _reference_loss(model, rows, confined: bool = True) -> float:
+    """Mean next-token loss over our loss-masked tokens, each document piece run as its own sequence
+    (confined=False: each whole row as one sequence, attention crossing documents, the bug to catch)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:
             start = 0
-            for n in row["seq_lengths"]:
+            for n in (row["seq_lengths"] if confined else [len(row["input_ids"])]):
                 ids = torch.tensor(row["input_ids"][start:start + n])
                 labels = torch.tensor(row["labels"][start:start + n])
                 logits = model(input_ids=ids[None]).logits[0].float()
@@ -61,17 +62,20 @@ def test_trl_sft_trainer_logs_the_loss_of_our_masks(shard_run, tmp_path, hf_bpe_
     export_run(str(shard_run["run_dir"]), "hf", tokenizer="bpe", out=str(tmp_path / "export"))
     ds = datasets.load_from_disk(str(tmp_path / "export" / "bpe"))
     # rows of several documents (attention must stay inside each) and one row of a split document's piece
-    multi = [i for i, r in enumerate(ds["seq_lengths"]) if len(r) > 2]
+    multi = [i for i, r in enumerate(ds["seq_lengths"]) if len(r) > 1]
     ds = ds.select(multi[:5] + [next(i for i, r in enumerate(ds["seq_lengths"]) if len(r) == 1)])
-    model_dir = make_tiny_causal_lm(tmp_path / "model", vocab_size=manifest["tokenizer"]["vocab_size"], max_positions=256)
+    model_dir = make_tiny_causal_lm(tmp_path / "model", vocab_size=manifest["tokenizer"]["vocab_size"],
+                                    max_positions=256)
     tokenizer = AutoTokenizer.from_pretrained(str(hf_bpe_dir))
-    batch, steps, expected = 2, 3, []
+    batch, steps, expected, unconfined = 2, 3, [], []
 
     class ReferenceLoss(TrainerCallback):  # before each optimizer step: the same batch, the same weights
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             k = state.global_step
             model.eval()
-            expected.append(_reference_loss(model, [ds[i] for i in range(k * batch, (k + 1) * batch)]))
+            rows = [ds[i] for i in range(k * batch, (k + 1) * batch)]
+            expected.append(_reference_loss(model, rows))
+            unconfined.append(_reference_loss(model, rows, confined=False))
             model.train()
 
     args = trl.SFTConfig(output_dir=str(tmp_path / "out"), padding_free=True, max_length=None,
@@ -85,3 +89,4 @@ def test_trl_sft_trainer_logs_the_loss_of_our_masks(shard_run, tmp_path, hf_bpe_
     assert len(logged) == len(expected) == steps
     assert logged == pytest.approx(expected, rel=1e-4)
     assert len(set(np.round(logged, 3))) == steps  # the weights moved between steps
+    assert all(abs(a - b) > 1e-3 * a for a, b in zip(logged, unconfined))  # a leak across documents would show

@@ -1,13 +1,12 @@
 """Megatron exports read back by Megatron-Core's own IndexedDataset, built by its own builder, and blended."""
-import warnings
-
 import numpy as np
 import pytest
 
 from pipeline.export import export_run
 from tests.unit.export_shards import WEIGHTS, documents_of, exported_order, shard_run  # noqa: F401
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),  # no Transformer Engine on CPU
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # megatron's builder under numpy 2
 indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset",
                                       reason="megatron-core==0.16.1 (dev extra) is not installed")
 

@@ -76,3 +76,21 @@ def test_refuses_shards_without_eos(tmp_path, hf_bpe_dir):
     write_shard_set(tmp_path / "run" / "shards" / "t", docs, tok, name="t", seq_len=64)
     with pytest.raises(ExportError, match="add_eos: false"):
         export_run(str(tmp_path / "run"), "olmo")
+
+
+def test_inner_eos_is_counted_and_the_metadata_keeps_the_boundary(tmp_path, hf_bpe_dir):
+    import pyarrow as pa
+    from olmo_core.data.utils import iter_document_indices
+    from operators import schema as S
+    docs, tok = tokenized_docs(f"hf:{hf_bpe_dir}/tokenizer.json", corpus_rows(5, 0, 0))
+    ids = docs.column(S.INPUT_IDS).combine_chunks()
+    values = ids.values.to_numpy().copy()
+    values[3] = tok["eos_id"]  # an EOS id inside the first document (an SFT template can put one there)
+    docs = docs.set_column(docs.schema.get_field_index(S.INPUT_IDS), S.INPUT_IDS,
+                           pa.ListArray.from_arrays(ids.offsets, pa.array(values, pa.int32())))
+    write_shard_set(tmp_path / "run" / "shards" / "t", docs, tok, name="t", seq_len=512)
+    m = export_run(str(tmp_path / "run"), "olmo")[0]
+    assert m["docs_with_inner_eos"] == 1
+    from_metadata = list(iter_document_indices(m["paths"][0], use_array_if_local=False, dtype=np.uint16))
+    from_eos = list(iter_document_indices(m["paths"][0], eos_token_id=tok["eos_id"], dtype=np.uint16))
+    assert len(from_metadata) == docs.num_rows and len(from_eos) == docs.num_rows + 1

