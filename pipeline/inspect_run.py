@@ -69,6 +69,11 @@ def _stage_names(run_dir: str) -> list[str]:
                        key=lambda n: int(n.split("-")[1]))
         i = stages.index("mixture")
         stages[i:i + 1] = ["mixture/data"] + [f"mixture/{n}" for n in steps]
+    for stage, steps in (("decontaminate", ["decontaminate/fit", "decontaminate", "decontaminate/log"]),
+                         ("dedup", ["dedup/hash", "dedup/buckets", "dedup/components", "dedup"])):
+        if stage in stages:
+            i = stages.index(stage)
+            stages[i:i + 1] = steps
     return stages
 
 
@@ -94,6 +99,32 @@ def _stage_lines(run_dir: str) -> list[str]:
     return lines
 
 
+REMOVAL_LOGS = ("decontaminate/removed.jsonl", "dedup/removed.jsonl")
+
+
+def _removal_lines(run_dir: str) -> list[str]:
+    """Counts per method, similarity quartiles, largest duplicate groups and most-matched eval
+    rows, from the removal logs of decontaminate and dedup (empty when neither ran)."""
+    from operators.dedup_graph import removal_summary
+    logs = [rel for rel in REMOVAL_LOGS if storage.exists(storage.join(run_dir, *rel.split("/")))]
+    if not logs:
+        return []
+    rows = [json.loads(line) for rel in logs
+            for line in storage.read_text(storage.join(run_dir, *rel.split("/"))).splitlines() if line.strip()]
+    s = removal_summary(rows)
+    counts = ", ".join(f"{m} {n}" for m, n in s["removed"].items()) or "none"
+    out = [f"removed documents ({', '.join(logs)}): {counts}"]
+    for m, (q1, q2, q3) in s["similarity_quartiles"].items():
+        out.append(f"  {m:<14} similarity quartiles {q1:.3f} / {q2:.3f} / {q3:.3f}")
+    if s["largest_duplicate_groups"]:
+        out.append("  largest duplicate groups (kept id: removed copies): "
+                   + ", ".join(f"{k}: {n}" for k, n in s["largest_duplicate_groups"]))
+    if s["most_matched_eval_rows"]:
+        out.append("  most-matched eval rows (source:id: removed documents): "
+                   + ", ".join(f"{k}: {n}" for k, n in s["most_matched_eval_rows"]))
+    return out
+
+
 def inspect_run(run_dir: str, verify: bool = False) -> str:
     if not storage.exists(run_dir):
         raise SystemExit(f"tokenmill inspect: no run directory at {run_dir}")
@@ -106,6 +137,7 @@ def inspect_run(run_dir: str, verify: bool = False) -> str:
     if storage.exists(clusters):
         from pipeline.stages.cluster_assign import describe_domains
         out.append(describe_domains(json.loads(storage.read_text(clusters)), limit=12))
+    out += _removal_lines(run_dir)
     reasons = Counter()
     for name in storage.listdir(storage.join(run_dir, "quarantine")):
         for line in storage.read_text(storage.join(run_dir, "quarantine", name)).splitlines():

@@ -28,6 +28,8 @@ from pipeline.manifest import write_shard_manifest
 from pipeline.stages.base import Run, Stage
 from pipeline.stages.cluster_assign import ClusterAssign
 from pipeline.stages.cluster_fit import ClusterFit
+from pipeline.stages.decontaminate import Decontaminate
+from pipeline.stages.dedup import Dedup
 from pipeline.stages.embed import Embed
 from pipeline.stages.filter import Filter
 from pipeline.stages.mix import Mix
@@ -43,6 +45,8 @@ STAGES: list[type[Stage]] = [
     Plain,          # the fused fast path: read+tokenize+pack per input range, when nothing sits between
     Read,           # sources -> validated document parts (quarantine)
     Filter,         # user filters from the config
+    Decontaminate,  # documents sharing an n-gram with an eval set (before dedup: a kept copy is never removed later)
+    Dedup,          # exact and MinHash near duplicates: hash, buckets, components, apply
     Embed,          # CLIMB: document embeddings (actor pool)
     ClusterFit,     # CLIMB: k-means, prune, merge into domains (one task)
     ClusterAssign,  # CLIMB: every document -> cluster, domain; clusters.json
