@@ -18,7 +18,7 @@ from pipeline.report.refs import ref, value
 from pipeline.report.shard_stats import collect_shards
 
 # Pipeline order of the top-level stage directories; unknown stages follow, by commit time.
-STAGE_ORDER = ("read", "plain", "dedup", "filter", "embed", "cluster", "tokenize", "mixture", "mix",
+STAGE_ORDER = ("read", "plain", "filter", "decontaminate", "dedup", "embed", "cluster", "tokenize", "mixture", "mix",
                "score", "select", "pack", "export")
 _NOT_STAGES = {"parts", "done", "assignments", "shards", "quarantine", "demo_input", "tmp", "exports"}
 _FILE_SUFFIXES = (".json", ".jsonl", ".npy", ".npz", ".arrow", ".parquet", ".yaml", ".sha256", ".html", ".model",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from pipeline.report import plots
+import pipeline.report.plots as plots
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1f2328;
