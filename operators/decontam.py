@@ -76,7 +76,8 @@ class EvalNgramIndex:
         hashes, rows, starts, widths = hashes[usable], rows[usable], starts[usable], widths[usable]
         order = np.lexsort((starts, rows, hashes))
         hashes, rows, starts, widths = hashes[order], rows[order], starts[order], widths[order]
-        distinct = np.r_[True, (hashes[1:] != hashes[:-1]) | (rows[1:] != rows[:-1])]
+        # [:len] keeps the leading True off an empty index (no eval row reaches min_ngram)
+        distinct = np.r_[True, (hashes[1:] != hashes[:-1]) | (rows[1:] != rows[:-1])][:len(hashes)]
         row_ngrams = np.bincount(rows[distinct], minlength=len(counts)).astype(np.int64)
         return cls(hashes=hashes, rows=rows.astype(np.int64), starts=starts.astype(np.int64),
                    widths=widths.astype(np.int64), row_ngrams=row_ngrams,

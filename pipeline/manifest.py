@@ -11,18 +11,9 @@ COUNT_KEYS = ("rows", "docs", "tokens", "target_tokens", "loss_tokens", "pad_tok
 def selection_block(config: Config, tokenizer: str, counts: dict) -> dict:
     if tokenizer != config.selected_tokenizer:
         return {"method": "none"}
-    c = config.select
-    # loss_mask is the offline approximation (a frozen "current" model); ref_loss carries the
-    # history/reference losses for the online selection the papers run (operators/selective_loss.py).
-    block = {"method": c.method, "mode": "offline_static_mask", "ref_loss": True,
-             "current_model": c.current_model, "ratio": c.ratio, "trust_remote_code": c.trust_remote_code,
-             "target_tokens": counts["target_tokens"], "loss_tokens": counts["loss_tokens"],
-             "kept_fraction": round(counts["loss_tokens"] / counts["target_tokens"], 6) if counts["target_tokens"] else 0.0}
-    if c.method == "sstoken":
-        block.update(history_model=c.history_model, gamma=c.gamma, warmup_fraction=c.warmup_fraction)
-    else:
-        block.update(reference_model=c.reference_model, batch_docs=c.docs_per_batch)
-    return block
+    kept = round(counts["loss_tokens"] / counts["target_tokens"], 6) if counts["target_tokens"] else 0.0
+    return {**config.select.manifest_block(window_len=config.pack.seq_len),
+            "target_tokens": counts["target_tokens"], "loss_tokens": counts["loss_tokens"], "kept_fraction": kept}
 
 
 def build_manifest(config: Config, tokenizer: dict, shards: list[dict], mixture: dict | None = None) -> dict:

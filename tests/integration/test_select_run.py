@@ -55,7 +55,9 @@ def config(run_dir, sft_path, ckpt, select):
 
 def expected_masks(run_dir, ckpt, other, method, docs_per_batch=64, **kw):
     """Independent path: the scorer applied directly to the tokenized documents, same batches."""
-    scorer = TokenScorer(current_model=str(ckpt["step-2000"]), other_model=str(other), method=method, **kw)
+    other_key = "history_model" if method == "sstoken" else "reference_model"
+    scorer = TokenScorer({"method": method, "current_model": str(ckpt["step-2000"]), other_key: str(other), **kw},
+                         window_len=512)
     scorer.setup()
     from pipeline.sink import read_table
     out = {}

