@@ -20,7 +20,8 @@ import sys
 import yaml
 
 from pipeline import storage
-from pipeline.config import Config, ConfigError, check_inputs
+from pipeline.config import Config, ConfigError
+from pipeline.inputs import check_inputs
 from pipeline.duplicate_ids import report_duplicate_ids
 from pipeline.integrity import remove_intermediates, verify_run_dir
 from pipeline.layout import RunLayout, acquire_lock, release_lock

@@ -3,7 +3,8 @@ import textwrap
 
 import pytest
 
-from pipeline.config import ConfigError, check_inputs, load_config, parse_config
+from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.inputs import check_inputs
 
 ISSUE_CONFIG = textwrap.dedent("""\
     run_dir: /data/runs/r1

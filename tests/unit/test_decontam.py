@@ -130,7 +130,8 @@ def test_config_and_bad_input():
 
 
 def test_pipeline_config_sections(tmp_path):
-    from pipeline.config import ConfigError, check_inputs, parse_config
+    from pipeline.config import ConfigError, parse_config
+    from pipeline.inputs import check_inputs
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "x"}\n')
     base = {"run_dir": str(tmp_path / "run"), "sources": [{"path": str(corpus), "text_field": "text"}],
