@@ -82,7 +82,7 @@ def build(mb: int, scale: int) -> tuple[pathlib.Path, pathlib.Path]:
             stats.add(st)
             start = end
         write_manifest(shard_dir, op.describe(), stats, shards, copies=1)
-        print(f"built {mb} MB of text: {stats.docs} docs, {stats.tokens} tokens, {stats.split_docs} split, "
+        print(f"built {size / 1e6:.1f} MB of text (asked {mb}; the shared text has about 40 MB): {stats.docs} docs, {stats.tokens} tokens, {stats.split_docs} split, "
               f"{len(shards)} shards", flush=True)
     if not (many / "shards" / "cl100k" / "manifest.json").exists():
         src = json.loads((one / "shards" / "cl100k" / "manifest.json").read_text())
