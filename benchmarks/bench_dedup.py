@@ -22,16 +22,15 @@ Scores: a true pair (original, copy) is found when at least one is removed; ever
 removal is a false positive. Decontamination: GSM8K rows 0-1318 are the eval set; 200 of
 them planted five ways in 6,000 documents of other files plus GSM8K rows 1319-2318.
 
-Last run (`--originals 1000 --part-docs 500 --min-similarity 0.5`, 2 shared cores under a
-load average of ~10; 4x = 4,000 originals + 1,200 copies, 3 seeds): precision / recall
-ours 0.9993 / 0.409, with min_similarity 0.5 1.000 / 0.408, DataTrove 0.9984 / 0.363.
-English pairs 0.399 vs 0.400 (the same Jaccard under both normalisations: the difference
-is LSH chance); Chinese 0.476 vs 0.137 (spaCy's English tokenizer gives a title 1-3 tokens,
-under DataTrove's 5-gram, so it gets no signature); exact copies 1.000 vs 0.925.
-Speed 1,397 vs 168 docs/s (8.3x; at 1x 710 vs 110, fixed costs included). Peak RSS 1x ->
-4x: ours 203 -> 209 MiB (1.03x), DataTrove 229 -> 230 MiB. Decontamination: 200/200
+Last run (defaults: 8,000 originals + 2,400 copies at 1x, 4x = 32,000 + 9,600, 3 seeds; 2
+cores, 2026-12-02): precision / recall at 1x ours 1.0000 / 0.426, DataTrove 0.9974 / 0.369;
+at 4x 0.9997 / 0.415 vs 0.9970 / 0.363. English pairs 0.396 vs 0.396 (the same Jaccard under
+both normalisations); Chinese 0.518 vs 0.187 (spaCy's English tokenizer gives a title 1-3
+tokens, under DataTrove's 5-gram, so it gets no signature); exact copies 1.000 vs 0.947.
+Speed at 4x 5,643 vs 529 docs/s (10.7x; at 1x 3,336 vs 398, fixed costs included). Peak RSS
+1x -> 4x: ours 264 -> 263 MiB (1.00x), DataTrove 263 -> 269 MiB. Decontamination: 200/200
 planted rows removed; false positives 0/6,000 other files, 4/1,000 other GSM8K problems
-(shared templated phrasing); 23,440 docs/s. The full-size default run is still to do.
+(shared templated phrasing); 21,885 docs/s.
 """
 from __future__ import annotations
 
