@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):  # per-model "Loading weights" bars: one progress line per stage is enough
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from pipeline.config import ConfigError
     from pipeline.layout import RunDirInUse, StageError
     from pipeline.storage import StorageError

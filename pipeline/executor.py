@@ -51,7 +51,8 @@ def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = Fal
         # Workers import user code (config filters) the way the driver does: from its working directory.
         pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
         kwargs = {"address": "local", "include_dashboard": False,
-                  "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath}}}
+                  "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath,
+                                               **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}}}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.num_gpus is not None:
@@ -201,7 +202,9 @@ class Executor:
     def _run_actors(self, stage: str, items: list[Item], worker: type, res: Resources) -> None:
         actor_cls = ray.remote(_StageActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                                    max_restarts=TASK_RETRIES, max_task_retries=TASK_RETRIES)
-        actors = [actor_cls.remote(self._context(), worker, res) for _ in range(max(1, min(res.actors, len(items))))]
+        # The context by value, not as an object-store ref: a restarted actor must be able to
+        # rebuild itself (Ray warns that a ref argument may be gone by then).
+        actors = [actor_cls.remote(self.context, worker, res) for _ in range(max(1, min(res.actors, len(items))))]
         queue, running = list(items), {}
         progress = Progress(stage, len(items))
         try:
