@@ -10,7 +10,7 @@ algorithms.md, "CLIMB: preprocessing". The runner uses it as one fit/apply pair:
 
    `quality_N` (QualityScorer on the same sample rows) is needed only when
    `cluster.prune` is set.
-2. apply (map over every document): `ClusterAssigner(fit_dir=...)` adds `cluster_id`
+2. apply (map over every document): `operators.cluster_assign.ClusterAssigner(fit_dir=...)` adds `cluster_id`
    (int32, nearest centroid) and `domain_id` (int32; null when the cluster was pruned;
    else the nearest refined domain centroid, or the cluster's Ward domain when
    `merge.refine` is off).
@@ -35,12 +35,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from operators.base import Operator, check_columns
 from operators.cluster_config import ClusterConfig
-from operators.embed import embedding_matrix
-from operators.schema import CLUSTER_ID, DOMAIN_ID, EMBEDDING
 
 PRUNED = -1  # domain index of a pruned cluster in numpy arrays; null in Arrow and JSON
 
@@ -346,31 +342,3 @@ def assign_domains(embeddings_ND: np.ndarray, fit: ClusterFit) -> tuple[np.ndarr
     if fit.domain_centroids is not None and kept.any():
         domain_ids_N[kept] = kmeans_assign(np.asarray(embeddings_ND)[kept], fit.domain_centroids)
     return cluster_ids_N, domain_ids_N
-
-
-class ClusterAssigner(Operator):
-    """Adds `cluster_id` (int32) and `domain_id` (int32, null if pruned) from a saved fit.
-
-    The runner drops `embedding` afterwards; it is not needed downstream.
-    """
-    reads = (EMBEDDING,)
-    adds = (CLUSTER_ID, DOMAIN_ID)
-
-    def __init__(self, *, fit_dir: str):
-        self.fit_dir = fit_dir
-        self.fit: ClusterFit | None = None
-
-    def setup(self) -> None:
-        if self.fit is None:
-            self.fit = ClusterFit.load(self.fit_dir)
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        check_columns(table, self.reads, type(self).__name__)
-        self.setup()
-        if len(table) == 0:
-            cluster_ids_N = domain_ids_N = np.zeros(0, np.int32)
-        else:
-            cluster_ids_N, domain_ids_N = assign_domains(embedding_matrix(table), self.fit)
-        return (table.append_column(pa.field(CLUSTER_ID, pa.int32(), nullable=False), pa.array(cluster_ids_N))
-                .append_column(pa.field(DOMAIN_ID, pa.int32()),
-                               pa.array(domain_ids_N, pa.int32(), mask=domain_ids_N == PRUNED)))

@@ -66,7 +66,7 @@ class ClusterAssign(Stage):
 
     @staticmethod
     def work(ctx: Context, item: Part) -> Result:
-        from operators.cluster import ClusterAssigner
+        from operators.cluster_assign import ClusterAssigner
         from operators.cluster_report import cluster_counts, whitespace_word_counts
         layout = ctx.layout
         fit = load_fit(layout)

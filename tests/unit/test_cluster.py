@@ -9,8 +9,9 @@ import pydantic
 import pytest
 
 from operators import schema
-from operators.cluster import (PRUNED, ClusterAssigner, ClusterFit, assign_domains, fit_clusters, kmeans_assign,
+from operators.cluster import (PRUNED, ClusterFit, assign_domains, fit_clusters, kmeans_assign,
                                kmeans_fit, merge_ward)
+from operators.cluster_assign import ClusterAssigner
 from operators.cluster_config import ClusterConfig, MergeConfig, PruneConfig
 from operators.cluster_report import build_cluster_report, cluster_counts, whitespace_word_counts
 from operators.quality import HEURISTIC_SIGNALS, ClassifierScorer, QualityScorer, heuristic_features
