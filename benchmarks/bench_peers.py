@@ -2,7 +2,7 @@
 (issue #11 item 5): tokenmill vs DataTrove 0.10.1 (and Megatron-LM when given a checkout).
 
     .venv/bin/python benchmarks/bench_peers.py [--scales 1,4] [--fraction 1.0] [--vocab 50257]
-        [--tokenizers gpt2,cl100k] [--megatron PATH [--megatron-python PY]] [--skip-peers]
+        [--tokenizers gpt2,cl100k] [--megatron PATH [--megatron-python PY]] [--skip-peers] [--only LABELS]
 
 Input: the `text` of the ten plain-text shared files (../shared/data, 43,412 documents,
 40.5 MB) as one plain `.jsonl` of `id`,`text`, repeated xK (x1 ~40 MB, x4 ~162 MB);
@@ -15,7 +15,8 @@ Measured, all in this run, on the machine's 2 cores:
 * raw encoders, texts in memory: the library (HF tokenizers / tiktoken) and tokenmill's
   encoder (`load_tokenizer(...).encode_texts`: the verified fast core), one thread, 2
   processes, and (library) 2 rayon threads; the best layout is the ceiling;
-* `tokenmill run CONFIG` as a whole process (read + tokenize + pack, seq_len 2048);
+* `tokenmill run CONFIG` as a whole process (read + tokenize + pack, seq_len 2048), on Ray and
+  with `--processes` (a local process pool, no Ray: pipeline/processes.py);
 * tokenmill in process with Ray already started (`pipeline.runner.run(config)` after
   `ray.init`), timing only the run;
 * DataTrove `JsonlReader -> DocumentTokenizer` (shuffle off: less work for the peer),
@@ -163,13 +164,16 @@ def tokenmill_config(inp: dict, spec: str, run_dir: pathlib.Path) -> pathlib.Pat
     return path
 
 
-def measure_tokenmill(inp: dict, spec: str, tag: str, inproc: bool) -> dict:
+def measure_tokenmill(inp: dict, spec: str, tag: str, mode: str) -> dict:
+    """mode: cli (`tokenmill run`, whole process), processes (`tokenmill run --processes`, whole
+    process, no Ray) or inproc (the run alone, Ray already started)."""
     import shutil
-    run_dir = CACHE / "runs" / f"{tag}-{'inproc' if inproc else 'cli'}"
+    run_dir = CACHE / "runs" / f"{tag}-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = tokenmill_config(inp, spec, run_dir)
+    inproc = mode == "inproc"
     cmd = ([sys.executable, __file__, "_inproc", str(config)] if inproc
-           else [str(ROOT / ".venv" / "bin" / "tokenmill"), "run", str(config)])
+           else [str(ROOT / ".venv" / "bin" / "tokenmill"), "run", str(config), *(["--processes"] if mode == "processes" else [])])
     r = run_measured(cmd, watch=run_dir, keep=_tokenmill_keep)
     if inproc:   # the run alone, Ray already up
         r["wall"] = float(r["output"].strip().splitlines()[-1].split()[-1])
@@ -306,6 +310,7 @@ def main() -> None:
     ap.add_argument("--megatron", help="a Megatron-LM checkout (tools/preprocess_data.py)")
     ap.add_argument("--megatron-python", default=str(ROOT / ".venv" / "bin" / "python"))
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--only", help="run only the tokenmill contenders whose label holds one of these (comma-separated); peers still run")
     args = ap.parse_args()
     scales = sorted(int(s) for s in args.scales.split(","))
     inputs = build_inputs(scales, args.fraction)
@@ -322,8 +327,9 @@ def main() -> None:
             print(f"  {encoder:22s} {layout:12s} {mbs:7.2f} MB/s", flush=True)
         ceiling = max(mbs for which, *_, mbs in raw if which == "auto")
         results: dict[str, dict[int, dict]] = {}
-        contenders = {"tokenmill run (CLI)": lambda inp, tag: measure_tokenmill(inp, spec, tag, inproc=False),
-                      "tokenmill in-process": lambda inp, tag: measure_tokenmill(inp, spec, tag, inproc=True)}
+        contenders = {"tokenmill run (CLI)": lambda inp, tag: measure_tokenmill(inp, spec, tag, "cli"),
+                      "tokenmill --processes": lambda inp, tag: measure_tokenmill(inp, spec, tag, "processes"),
+                      "tokenmill in-process": lambda inp, tag: measure_tokenmill(inp, spec, tag, "inproc")}
         peers = []
         if name == "gpt2" and not args.skip_peers:
             contenders["DataTrove 0.10.1"] = lambda inp, tag: measure_datatrove(inp, tok_dir, tag)
@@ -333,6 +339,8 @@ def main() -> None:
                                                                               args.megatron_python)
                 peers.append("Megatron-LM")
         for label, fn in contenders.items():
+            if args.only and label not in peers and not any(o in label for o in args.only.split(",")):
+                continue
             for k in scales:
                 try:
                     r = fn(inputs[k], f"{name}-x{k}")
@@ -356,16 +364,18 @@ def _table(results: dict, inputs: dict, scales: list[int], peers: list[str], cei
         return (inputs[hi]["bytes"] - inputs[lo]["bytes"]) / 1e6 / extra if extra > 0 else float("nan")
     best_peer = max((steady(results[p]) for p in peers if p in results), default=None)
     best_peer = None if best_peer != best_peer else best_peer    # nan
+    peer_wall = min((results[p][hi]["wall"] for p in peers if p in results), default=None)
     head = "".join(f"  x{k} MB/s" for k in scales)
     print(f"\n  ceiling: tokenmill's encoder, texts in memory, best layout: {ceiling:.2f} MB/s")
-    print(f"  {'contender':22s}{head}  steady MB/s  vs peer  vs ceiling  whole-process x{hi} s  peak RSS MiB"
+    print(f"  {'contender':22s}{head}  steady MB/s  vs peer  vs ceiling  whole-process x{hi} s  vs peer  peak RSS MiB"
           f"  interm. B/B")
     for label, r in results.items():
         s = steady(r)
         cols = "".join(f"{inputs[k]['bytes'] / 1e6 / r[k]['wall']:10.2f}" for k in scales)
         ratio = f"{s / best_peer:7.2f}x" if best_peer else "      -"
         inter = max(r[k]["intermediate"] / inputs[k]["bytes"] for k in scales)
-        print(f"  {label:22s}{cols}  {s:11.2f}  {ratio}  {s / ceiling:9.2f}x  {r[hi]['wall']:20.1f}"
+        whole = f"{peer_wall / r[hi]['wall']:7.2f}x" if peer_wall else "      -"
+        print(f"  {label:22s}{cols}  {s:11.2f}  {ratio}  {s / ceiling:9.2f}x  {r[hi]['wall']:20.1f}  {whole}"
               f"  {max(x['rss_mb'] for x in r.values()):12.0f}"
               f"  {inter:11.3f}")
 

@@ -122,24 +122,30 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
     cum = np.cumsum(plen) - plen
     offset_in_row = cum - np.repeat(cum[row_first], np.diff(np.r_[row_first, len(row)]))
 
-    # Scatter tokens: one flat index per token, src in the document table, dst in the rows.
+    # Gather tokens: rows hold their pieces back to back from offset 0, so the packed tokens of
+    # all rows, in row order, are exactly the positions where `valid` is set; one source index
+    # per token (its document's slice), then boolean-mask stores (cheaper than index scatters).
     total = int(plen.sum())
-    piece_of_tok = np.repeat(np.arange(len(plen)), plen)
-    k = np.arange(total) - np.repeat(cum, plen)
-    src = offs[doc][piece_of_tok] + start[piece_of_tok] + k
-    dst = row[piece_of_tok] * seq_len + offset_in_row[piece_of_tok] + k
+    index = np.int32 if len(ids_v) < 2**31 and total < 2**31 else np.int64
+    step = np.arange(total, dtype=index)
+    k = step - np.repeat(cum.astype(index), plen)                        # position in its piece
+    src = k + np.repeat((offs[doc] + start).astype(index), plen)          # position in the documents
+    num_tokens = np.bincount(row, weights=plen, minlength=n_rows).astype(np.int32)
+    valid = np.arange(seq_len, dtype=np.int32)[None, :] < num_tokens[:, None]
 
-    out_ids = np.full(n_rows * seq_len, pad_id, np.int32)
-    out_ids[dst] = ids_v[src]
-    out_tgt = np.zeros(n_rows * seq_len, np.uint8)
-    out_tgt[dst] = tgt_v[src]
+    def packed(values: np.ndarray, dtype, fill) -> np.ndarray:
+        out = np.full((n_rows, seq_len), fill, dtype)
+        out[valid] = values
+        return out.reshape(-1)
+
+    out_ids = packed(ids_v[src], np.int32, pad_id)
+    tgt_src = tgt_v[src]
+    out_tgt = packed(tgt_src, np.uint8, 0)
     piece_start_dst = row * seq_len + offset_in_row
     out_tgt[piece_start_dst] = 0
-    out_loss = np.zeros(n_rows * seq_len, np.uint8)
-    out_loss[dst] = loss_v[src] if has_loss else tgt_v[src]
+    out_loss = packed(loss_v[src] if has_loss else tgt_src, np.uint8, 0)
     out_loss &= out_tgt
-    out_pos = np.zeros(n_rows * seq_len, np.int32)
-    out_pos[dst] = k.astype(np.int32)
+    out_pos = packed(k, np.int32, 0)
 
     def fixed(values: np.ndarray, typ) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(values, typ), seq_len)
@@ -147,7 +153,6 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
     pieces_per_row = np.bincount(row, minlength=n_rows)
     list_offsets = pa.array(np.r_[0, np.cumsum(pieces_per_row)].astype(np.int32))
     doc_ids = table.column(S.ID).combine_chunks().take(pa.array(doc))
-    num_tokens = np.bincount(row, weights=plen, minlength=n_rows).astype(np.int32)
     cols = {
         S.INPUT_IDS: fixed(out_ids, pa.int32()),
         S.TARGET_MASK: fixed(out_tgt, pa.uint8()),
@@ -159,12 +164,10 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
         S.NUM_TOKENS: pa.array(num_tokens, pa.int32()),
     }
     if has_scores:
-        out_scores = np.full(n_rows * seq_len, np.nan, np.float16)
-        out_scores[dst] = score_v[src].astype(np.float16)
+        out_scores = packed(score_v[src].astype(np.float16), np.float16, np.nan)
         cols[S.TOKEN_SCORES] = fixed(out_scores, pa.float16())
     if has_ref_loss:  # float32 (it is subtracted from a live loss), NaN wherever not a target
-        out_ref = np.full(n_rows * seq_len, np.nan, np.float32)
-        out_ref[dst] = ref_v[src].astype(np.float32)
+        out_ref = packed(ref_v[src].astype(np.float32), np.float32, np.nan)
         out_ref[out_tgt == 0] = np.nan
         cols[S.REF_LOSS] = fixed(out_ref, pa.float32())
     if has_domains:

@@ -9,7 +9,7 @@ import sys
 def _run(args) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set + (["ray.backend=processes"] if args.processes else []))
     outputs = run(config, address=args.address, verbose=args.verbose)
     for name, manifest in outputs.items():
         print(f"{name}: {manifest}")
@@ -56,7 +56,9 @@ def _submit(args) -> int:
     return submit_main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(submit_options: bool = True) -> argparse.ArgumentParser:
+    """The command line; `submit_options=False` leaves out `submit`'s options, whose import
+    (Ray's job client) costs 0.6 s that `run` does not need."""
     p = argparse.ArgumentParser(prog="tokenmill", description="Raw text corpora -> training-ready token shards, on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs and status messages")
+    r.add_argument("--processes", action="store_true",
+                   help="run on a local process pool instead of Ray (ray.backend: processes): no cluster start-up, CPU only")
     r.set_defaults(func=_run)
 
     d = sub.add_parser("demo", help="run the main job offline on an embedded default corpus")
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit a config as a Ray job to a cluster (Jobs API)")
     try:
+        if not submit_options:
+            raise ImportError
         from pipeline.submit import add_submit_arguments
         add_submit_arguments(s)
     except ImportError:  # submission needs ray[default]
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(submit_options="submit" in argv).parse_args(argv)
     if not getattr(args, "verbose", False):  # per-model "Loading weights" bars: one progress line per stage is enough
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from pipeline.config import ConfigError

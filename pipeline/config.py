@@ -196,6 +196,17 @@ class RayConfig(_Strict):
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
     num_gpus: float | None = Field(None, ge=0)
+    # "processes": a single-node run on a local process pool, no Ray (pipeline/processes.py):
+    # no cluster start-up or shutdown, for dry runs and small corpora; CPU only.
+    backend: Literal["ray", "processes"] = "ray"
+
+    @model_validator(mode="after")
+    def _processes_are_local(self):
+        if self.backend == "processes" and self.address:
+            raise ValueError("ray.backend: processes runs on this machine only; remove ray.address, or use backend: ray")
+        if self.backend == "processes" and self.num_gpus:
+            raise ValueError("ray.backend: processes runs on CPUs only; set ray.num_gpus to 0, or use backend: ray")
+        return self
 
 
 class ExportEntry(_Strict):

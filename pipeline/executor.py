@@ -68,7 +68,8 @@ def cluster_resources() -> dict[str, float]:
 
 def _worker_identity() -> dict:
     """Which process and which (logical) GPUs ran an item: recorded in its marker."""
-    return {"pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+    return {"pid": os.getpid(), "gpu_ids": [str(g) for g in gpus]}
 
 
 def _commit_item(layout: RunLayout, stage: str, result: Result, record: storage.CommitRecord) -> dict:
@@ -104,9 +105,13 @@ class _StageActor:
         self.ctx, self.impl = ctx, worker_cls(ctx, resources)
 
     def __call__(self, stage: str, item: Item) -> dict:
-        result, record = _recorded(self.ctx.layout, stage, item, lambda: self.impl(item))
-        result.data.setdefault("worker", _worker_identity())
-        return _commit_item(self.ctx.layout, stage, result, record)
+        return _run_worker_item(self.ctx, stage, self.impl, item)
+
+
+def _run_worker_item(ctx: Context, stage: str, impl, item: Item) -> dict:
+    result, record = _recorded(ctx.layout, stage, item, lambda: impl(item))
+    result.data.setdefault("worker", _worker_identity())
+    return _commit_item(ctx.layout, stage, result, record)
 
 
 def _get(ref):

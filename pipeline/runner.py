@@ -15,7 +15,9 @@ are kept (re-clustering reuses them), as are `cluster/assignments`.
 """
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 
 import yaml
 
@@ -106,23 +108,34 @@ def run(config: Config, address: str | None = None, verbose: bool = False,
     """Run every configured stage; returns {tokenizer name: manifest path}."""
     check_inputs(config)
     config = staged_for_registered_stages(config, registry)
+    pool = None
+    if config.ray.backend == "processes":  # start it now: its processes load while the driver checks
+        from pipeline.processes import LocalPool
+        pool = LocalPool(config)
+    try:
+        return _run(config, address, verbose, registry, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run(config: Config, address: str | None, verbose: bool, registry: list[type[Stage]], pool) -> dict:
     stages = plan_stages(config, registry)
     for stage in stages:
         stage.check()
-    tokenizers = check_tokenizers(config)
+    tokenizers = pool.check_tokenizers() if pool is not None else check_tokenizers(config)
     layout = RunLayout(config.run_dir)
     storage.makedirs(layout.run_dir)
     acquire_lock(layout)
     try:
         prepare_run_dir(config, layout)
         say(f"run_dir {config.run_dir}; stages: {', '.join(s.name for s in stages)}")
-        from pipeline.executor import Executor, cluster_resources, init_ray
-        init_ray(config.ray, address, verbose)
+        executor_cls, cluster = start_executor(config, address, verbose, pool)
         verification = verify_run_dir(layout)
         if verification.items:
             say(verification.line())
-        run_state = Run(config, layout, say, cluster=cluster_resources(), tokenizers=tokenizers)
-        executor = Executor(layout, run_state.context, say)
+        run_state = Run(config, layout, say, cluster=cluster, tokenizers=tokenizers)
+        executor = executor_cls(layout, run_state.context, say)
         for i, stage in enumerate(stages):
             live = live_parts(run_state)
             results = stage.execute(run_state, executor)
@@ -141,6 +154,17 @@ def run(config: Config, address: str | None = None, verbose: bool = False,
         release_lock(layout)
     say("done")
     return outputs
+
+
+def start_executor(config: Config, address: str | None, verbose: bool, pool=None) -> tuple[Callable, dict[str, float]]:
+    """The executor for this run and the CPUs/GPUs it has: Ray (a fresh local cluster, or the one
+    asked for), or with `ray.backend: processes` the run's local process pool (pipeline/processes.py)."""
+    if pool is not None:
+        from pipeline.processes import ProcessExecutor, local_resources
+        return functools.partial(ProcessExecutor, pool=pool), local_resources(config.ray, address)
+    from pipeline.executor import Executor, cluster_resources, init_ray
+    init_ray(config.ray, address, verbose)
+    return Executor, cluster_resources()
 
 
 def live_parts(run_state: Run) -> set[str]:

@@ -135,6 +135,34 @@ def test_a_worker_killed_mid_tokenize_task_and_mid_embed_call_is_retried_in_the_
     assert_counts_balance(run_dir, reference["rows"])
 
 
+def test_on_the_process_pool_a_worker_killed_mid_tokenize_and_mid_embed_is_retried_in_the_same_run(
+        corpus, reference, tmp_path):
+    """`ray.backend: processes` (no Ray): the same retries, the same bytes as the Ray reference."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "plan.json").write_text(json.dumps({"embed": {"pause_s": 300, "once": True},
+                                                  "tokenize": {"pause_s": 300, "once": True}}))
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_when_started, args=(faults, ["embed", "tokenize"], killed), daemon=True)
+    killer.start()
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    run(make_config(corpus, run_dir, embed={"max_seq_length": 64, "batch_size": 64},
+                    ray={"backend": "processes", "num_cpus": 2}),
+        registry=fault_stages.registry())
+    killer.join(10)
+
+    assert set(killed) == {"embed", "tokenize"}, killed
+    assert time.time() - t0 < 240  # retried at once, not after the 300 s pause
+    embed_marker = json.loads((run_dir / "embed" / "done" / f"{killed['embed']['item']}.json").read_text())
+    assert embed_marker["data"]["worker"]["pid"] != killed["embed"]["pid"]  # a new pool process finished it
+    tok_marker = run_dir / "tokenize" / "done" / f"{killed['tokenize']['item']}.json"
+    assert tok_marker.stat().st_mtime > killed["tokenize"]["at"]
+    assert bytes_lost(run_dir, reference["product"]) == 0
+    assert product(run_dir) == reference["product"]
+    assert_counts_balance(run_dir, reference["rows"])
+
+
 # -- the disk fills up -------------------------------------------------------------------------
 
 def test_a_full_disk_names_the_path_and_stage_commits_nothing_half_and_a_resume_completes(

