@@ -61,9 +61,11 @@ class LocalPool:
 
     def __init__(self, config: Config):
         self.config, self.cpus = config, _cpus(config.ray)
-        # The pool's processes inherit these, as Ray's workers get them from the runtime_env.
+        # The pool's processes inherit these, as Ray's workers get them from the runtime_env;
+        # and one math thread per process, as Ray gives its workers (no oversubscribed cores).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
