@@ -1,4 +1,5 @@
 """CLIMB preprocessing in real runs: embed actor pool, cluster fit/assign, domains into shards."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -45,8 +46,19 @@ def climb_config(d, run_dir, **over):
     return parse_config(data)
 
 
+def _digests(run_dir):
+    files = sorted([*run_dir.glob("shards/*/shard-*.arrow"), *run_dir.glob("embed/parts/*"),
+                    *run_dir.glob("cluster/assignments/*"), *run_dir.glob("cluster/fit/*.npy"),
+                    run_dir / "cluster" / "clusters.json"])
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 def test_embed_cluster_assign_and_domains_in_shards(local_ray, corpus, tmp_path):
     run(climb_config(corpus, tmp_path))
+    # the same run on the local process pool (ray.backend: processes) gives the same bytes
+    pool = tmp_path.parent / f"{tmp_path.name}-pool"
+    run(climb_config(corpus, pool, ray={"backend": "processes", "num_cpus": 2}))
+    assert any(k.startswith("embed/") for k in _digests(tmp_path)) and _digests(pool) == _digests(tmp_path)
     n_docs = 160 + 40 + 12
     embeds = [pa.ipc.open_file(str(p)).read_all() for p in sorted((tmp_path / "embed" / "parts").glob("*.arrow"))]
     x = np.concatenate([e.column(S.EMBEDDING).combine_chunks().flatten().to_numpy().reshape(-1, 384) for e in embeds])
