@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tokenmill demo --run-dir runs/demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_tokenize_pack.py
