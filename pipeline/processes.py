@@ -4,7 +4,7 @@ Starting a local Ray cluster and shutting it down costs 4–10 s on 2 cores (ben
 prints both), which is most of a small run's wall time and of a dry run's. This executor runs the
 same stages with the same items, markers, retries and counts on a `ProcessPoolExecutor` of this
 machine's CPUs, so a resume, a rerun and the shards are the same as under Ray (the byte identity
-is a test: tests/integration/test_processes.py).
+is tested: the fused path in tests/integration/test_plain.py, a CLIMB run in test_climb_run.py).
 
 * Task stages: one pool process per `num_cpus` of a task; each item is one call.
 * Actor stages (a `Worker` class): one pool process per actor; each process builds the Worker
@@ -26,23 +26,13 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from pipeline.config import Config, ConfigError, RayConfig
+from pipeline.config import Config
 from pipeline.executor import TASK_RETRIES, Executor, Progress, _run_item, _run_worker_item
 from pipeline.layout import StageError
 from pipeline.stages.base import Context, Item, Resources
 from pipeline.tokenizer_cache import check_tokenizers, get_tokenizer
 
 _WORKERS: dict[str, object] = {}  # in a pool process: stage -> its Worker, built on the first item
-
-
-def local_resources(ray_cfg: RayConfig, address: str | None) -> dict[str, float]:
-    if address:
-        raise ConfigError(f"--address {address}: ray.backend: processes runs on this machine only")
-    return {"CPU": float(_cpus(ray_cfg))}
-
-
-def _cpus(ray_cfg: RayConfig) -> int:
-    return ray_cfg.num_cpus or len(os.sched_getaffinity(0))
 
 
 def _warm(config: Config) -> None:
@@ -60,7 +50,7 @@ class LocalPool:
     tokenizers while the driver checks the config; restarted when a process dies."""
 
     def __init__(self, config: Config):
-        self.config, self.cpus = config, _cpus(config.ray)
+        self.config, self.cpus = config, config.ray.num_cpus or len(os.sched_getaffinity(0))
         # The pool's processes inherit these, as Ray's workers get them from the runtime_env;
         # and one math thread per process, as Ray gives its workers (no oversubscribed cores).
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -110,6 +110,8 @@ def run(config: Config, address: str | None = None, verbose: bool = False,
     config = staged_for_registered_stages(config, registry)
     pool = None
     if config.ray.backend == "processes":  # start it now: its processes load while the driver checks
+        if address:
+            raise ConfigError(f"--address {address}: ray.backend: processes runs on this machine only")
         from pipeline.processes import LocalPool
         pool = LocalPool(config)
     try:
@@ -160,8 +162,8 @@ def start_executor(config: Config, address: str | None, verbose: bool, pool=None
     """The executor for this run and the CPUs/GPUs it has: Ray (a fresh local cluster, or the one
     asked for), or with `ray.backend: processes` the run's local process pool (pipeline/processes.py)."""
     if pool is not None:
-        from pipeline.processes import ProcessExecutor, local_resources
-        return functools.partial(ProcessExecutor, pool=pool), local_resources(config.ray, address)
+        from pipeline.processes import ProcessExecutor
+        return functools.partial(ProcessExecutor, pool=pool), {"CPU": float(pool.cpus)}
     from pipeline.executor import Executor, cluster_resources, init_ray
     init_ray(config.ray, address, verbose)
     return Executor, cluster_resources()

