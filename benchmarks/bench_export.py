@@ -11,13 +11,18 @@ benchmarks/.cache/export/. The `--scale`x set is the same shards written `--scal
 renamed document ids, so it has `--scale` times the documents, tokens and split documents.
 
 Each export runs in a fresh child process (`tokenmill export`'s code path, `export_run`) that
-reports its wall time and its own peak RSS (VmHWM). Peer, in the same run: a plain file
-copy of the same bytes, i.e. every file the export wrote, copied (read + write + fsync, the
-export fsyncs its commits too) to a sibling directory. ratio = export MB/s / copy MB/s, MB of
-output, at 1x and --scale x; "marginal" is the extra output of the big run over its extra time
+reports its wall time and its own peak RSS (VmHWM). Peers, in the same run: plain file copies
+of the same bytes, i.e. every file the export wrote, copied to a sibling directory and fsynced
+(the export fsyncs its commits too), two ways:
+  copy        `shutil.copyfile`: on Linux an in-kernel copy (sendfile), page cache to page cache;
+  r/w copy    read into a 1 MiB buffer and write() it back, as any program that produces the
+              bytes itself (an exporter, `dd`) must: the user-to-kernel copy is what differs.
+ratio = export MB/s / copy MB/s (and / r/w copy MB/s), MB of output, at 1x and --scale x; "marginal" is the extra output of the big run over its extra time
 (start-up and imports cancel out, ~0.5-1.5 s: pandas, which pyarrow imports on first use, and for
 `hf` the `datasets` package), what a corpus much larger than this one sees. Page cache is warm
 for both (the shards were just built or read; the copy reads what the export just wrote).
+Floor, printed first: decompressing the `--scale`x shards' token and mask columns alone (a
+fresh child, Arrow's reader, nothing written), the part of every export that no copy pays.
 Times are the best of `--repeat` runs, peak RSS the largest. Flat memory: the `--scale`x peak
 RSS within 15% of the 1x peak.
 """
@@ -124,6 +129,24 @@ def child(run_dir: str, fmt: str, out: str) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
 
 
+def read_floor(run_dir: str) -> None:
+    """Child: seconds to decompress the token and mask columns of every shard (nothing written)."""
+    import glob
+    from operators import schema as S
+    files = sorted(glob.glob(os.path.join(run_dir, "shards", "cl100k", "*.arrow")))
+    t0 = time.perf_counter()
+    nbytes = 0
+    for file in files:
+        with pa.memory_map(file) as source:
+            names = pa.ipc.open_file(source).schema.names
+            wanted = [names.index(c) for c in (S.INPUT_IDS, S.TARGET_MASK, S.LOSS_MASK, S.NUM_TOKENS, S.DOC_IDS,
+                                                S.DOC_OFFSETS, S.DOC_TOKEN_STARTS)]
+            reader = pa.ipc.open_file(source, options=pa.ipc.IpcReadOptions(included_fields=wanted))
+            for b in range(reader.num_record_batches):
+                nbytes += reader.get_batch(b).column(S.INPUT_IDS).nbytes
+    print(json.dumps({"seconds": time.perf_counter() - t0, "token_mb": nbytes / 1e6}))
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a
     forked child through exec, so a child of a big parent would report the parent's size."""
@@ -133,13 +156,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def copy_seconds(files: list[pathlib.Path], dest: pathlib.Path) -> float:
-    """A plain copy of `files` into `dest`, each fsynced like the export's commits."""
+def copy_seconds(files: list[pathlib.Path], dest: pathlib.Path, user_space: bool = False) -> float:
+    """A plain copy of `files` into `dest`, each fsynced like the export's commits: in-kernel
+    (shutil.copyfile) or through a user-space buffer (read + write)."""
+    shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True, exist_ok=True)
+    buffer = bytearray(1 << 20)
     t0 = time.perf_counter()
     for f in files:
         target = dest / f.name
-        shutil.copyfile(f, target)
+        if user_space:
+            with open(f, "rb", buffering=0) as src, open(target, "wb", buffering=0) as dst:
+                while n := src.readinto(buffer):
+                    dst.write(memoryview(buffer)[:n])
+        else:
+            shutil.copyfile(f, target)
         with open(target, "rb+") as fh:
             os.fsync(fh.fileno())
     return time.perf_counter() - t0
@@ -157,9 +188,11 @@ def measure(run_dir: pathlib.Path, fmt: str, repeat: int) -> dict:
         manifest = json.loads((out / "cl100k" / "export.json").read_text())
         files = [out / "cl100k" / f["file"] for f in manifest["files"]]
         copy = copy_seconds(files, out / "copy")
+        rw_copy = copy_seconds(files, out / "copy", user_space=True)
         best = {"seconds": min(result["seconds"], best.get("seconds", 1e9)),
                 "peak_rss_mb": max(result["peak_rss_mb"], best.get("peak_rss_mb", 0)),
                 "copy_seconds": min(copy, best.get("copy_seconds", 1e9)),
+                "rw_copy_seconds": min(rw_copy, best.get("rw_copy_seconds", 1e9)),
                 "out_mb": sum(f.stat().st_size for f in files) / 1e6}
     shutil.rmtree(out)
     shards = json.loads((run_dir / "shards" / "cl100k" / "manifest.json").read_text())["shards"]
@@ -173,27 +206,39 @@ def main() -> int:
     p.add_argument("--formats", default="megatron,datatrove,olmo,hf")
     p.add_argument("--repeat", type=int, default=3, help="best of this many export and copy runs (default 3)")
     p.add_argument("--child", nargs=3, metavar=("RUN_DIR", "FORMAT", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--read-floor", metavar="RUN_DIR", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(*args.child)
         return 0
+    if args.read_floor:
+        read_floor(args.read_floor)
+        return 0
     one, many = build(args.mb, args.scale)
+    floor = min((json.loads(subprocess.run([sys.executable, __file__, "--read-floor", str(many)], capture_output=True,
+                                           text=True, check=True).stdout) for _ in range(args.repeat)),
+                key=lambda r: r["seconds"])
+    print(f"floor: decompressing the {args.scale}x shards' token and mask columns, nothing written: "
+          f"{floor['seconds']:.2f} s, {floor['token_mb'] / floor['seconds']:.0f} MB/s of int32 tokens "
+          f"({floor['token_mb']:.0f} MB incl. padding)", flush=True)
     print(f"{'format':<10} {'scale':>5} {'shards MB':>10} {'out MB':>8} {'export s':>9} {'export MB/s':>12} "
-          f"{'copy MB/s':>10} {'ratio':>6} {'peak RSS MB':>12}")
+          f"{'copy MB/s':>10} {'ratio':>6} {'r/w copy MB/s':>14} {'ratio':>6} {'peak RSS MB':>12}")
     for fmt in args.formats.split(","):
         got = {}
         for scale, run_dir in ((1, one), (args.scale, many)):
             r = got[scale] = measure(run_dir, fmt, args.repeat)
             export_rate, copy_rate = r["out_mb"] / r["seconds"], r["out_mb"] / r["copy_seconds"]
+            rw_rate = r["out_mb"] / r["rw_copy_seconds"]
             print(f"{fmt:<10} {scale:>4}x {r['shard_mb']:>10.1f} {r['out_mb']:>8.1f} {r['seconds']:>9.2f} "
-                  f"{export_rate:>12.1f} {copy_rate:>10.1f} {export_rate / copy_rate:>6.2f} {r['peak_rss_mb']:>12.0f}",
-                  flush=True)
+                  f"{export_rate:>12.1f} {copy_rate:>10.1f} {export_rate / copy_rate:>6.2f} {rw_rate:>14.1f} "
+                  f"{export_rate / rw_rate:>6.2f} {r['peak_rss_mb']:>12.0f}", flush=True)
         a, b = got[1], got[args.scale]
         # marginal: the extra output of the big run over its extra time, fixed costs (imports, start-up) cancelled
         marginal = (b["out_mb"] - a["out_mb"]) / max(b["seconds"] - a["seconds"], 1e-9)
-        copy_rate = b["out_mb"] / b["copy_seconds"]
+        copy_rate, rw_rate = b["out_mb"] / b["copy_seconds"], b["out_mb"] / b["rw_copy_seconds"]
         ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
-        print(f"{fmt:<10} marginal {marginal:.1f} MB/s vs copy {copy_rate:.1f} MB/s: {marginal / copy_rate:.2f}; "
+        print(f"{fmt:<10} marginal {marginal:.1f} MB/s vs copy {copy_rate:.1f} MB/s: {marginal / copy_rate:.2f}, "
+              f"vs r/w copy {rw_rate:.1f} MB/s: {marginal / rw_rate:.2f}; "
               f"peak RSS {args.scale}x / 1x: {ratio:.2f} ({'flat' if ratio <= 1.15 else 'NOT flat'})", flush=True)
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.export.base import (DocumentList, ExportFormat, ExportJob, cast_tokens, check_totals,
                                   unsigned_token_dtype)
 from pipeline.export.documents import iter_document_batches
+from pipeline.export.files import BackgroundFile
 
 NAME = "tokens.ds"
 
@@ -35,14 +36,14 @@ def write(job: ExportJob) -> dict:
     dtype = unsigned_token_dtype(job.shards.vocab_size)
     token_size = np.dtype(dtype).itemsize
     tmp = {suffix: job.out.temp(NAME + suffix) for suffix in ("", ".index", ".loss")}
-    files = {suffix: open(path, "wb", buffering=1 << 22) for suffix, path in tmp.items()}
+    files = {suffix: BackgroundFile(path) for suffix, path in tmp.items()}
     docs = DocumentList(job.out)
     num_docs = num_tokens = loss_tokens = 0
     try:
         for batch in iter_document_batches(job.shards):
-            files[""].write(memoryview(cast_tokens(batch.input_ids, dtype, NAME)))
+            files[""].write(cast_tokens(batch.input_ids, dtype, NAME))
             files[".index"].write((np.cumsum(batch.lengths, dtype=np.uint64) + np.uint64(num_tokens)).tobytes())
-            files[".loss"].write(memoryview(batch.loss_mask.view(np.bool_)))  # 0/1 bytes: already bools
+            files[".loss"].write(batch.loss_mask)  # 0/1 bytes: already DataTrove's bools
             docs.add(batch)
             num_docs += batch.num_docs
             num_tokens += len(batch.input_ids)

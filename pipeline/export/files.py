@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import posixpath
+import queue
 import shutil
 import tempfile
+import threading
 import uuid
 
 import pyarrow.fs as pafs
@@ -85,6 +87,54 @@ class OutputDir:
         path = posixpath.join(self.root, name)
         if self.fs.get_file_info(path).type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+class BackgroundFile:
+    """A local file written by a thread: `write(buffer)` queues the buffer (no copy; the caller
+    must not change it afterwards) and returns, so the page-cache copy of one batch overlaps
+    the decoding of the next (file writes release the GIL). At most `depth` buffers wait.
+    `close()` waits for the last write and raises the thread's error, if any."""
+
+    def __init__(self, path: str, depth: int = 4):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"export-write-{os.path.basename(path)}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (buffer := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                view = memoryview(buffer).cast("B")
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except BaseException as e:  # raised in the producer by write() or close()
+                self._error = e
+
+    def write(self, buffer) -> None:
+        if self._error is not None:
+            raise OSError(f"{self.path}: write failed: {self._error}") from self._error
+        if len(memoryview(buffer)):
+            self._queue.put(buffer)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._error is not None:
+            raise OSError(f"{self.path}: write failed: {self._error}") from self._error
+
+    def __enter__(self) -> "BackgroundFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _fsync_dir(directory: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.export.base import DocumentList, ExportError, ExportFormat, ExportJob, cast_tokens, check_totals
 from pipeline.export.documents import iter_document_batches
-from pipeline.export.files import OutputDir
+from pipeline.export.files import BackgroundFile, OutputDir
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}  # megatron DType enum values
@@ -46,15 +46,22 @@ class IndexedDatasetWriter:
     def __init__(self, out: OutputDir, prefix: str, dtype: type):
         self.out, self.prefix, self.dtype = out, prefix, np.dtype(dtype)
         self.bin_tmp = out.temp(prefix + ".bin")
-        self._bin = open(self.bin_tmp, "wb", buffering=1 << 22)
+        self._bin = BackgroundFile(self.bin_tmp)
         self._lengths = tempfile.TemporaryFile()
         self.num_docs = self.num_tokens = 0
 
     def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
-        self._bin.write(memoryview(cast_tokens(ids, self.dtype.type, self.prefix)))
+        self._bin.write(cast_tokens(ids, self.dtype.type, self.prefix))
         self._lengths.write(lengths.astype(np.int32).tobytes())
         self.num_docs += len(lengths)
         self.num_tokens += len(ids)
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure (the temporaries are left for the next run to remove)."""
+        try:
+            self._bin.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         self._bin.close()
@@ -83,10 +90,14 @@ def write(job: ExportJob) -> dict:
     dtype = megatron_dtype(job.shards.vocab_size)
     writer = IndexedDatasetWriter(job.out, "data", dtype)
     docs = DocumentList(job.out)
-    for batch in iter_document_batches(job.shards, masks=False):
-        writer.add(batch.input_ids, batch.lengths)
-        docs.add(batch)
-    check_totals(job.shards, writer.num_docs, writer.num_tokens)
+    try:
+        for batch in iter_document_batches(job.shards, masks=False):
+            writer.add(batch.input_ids, batch.lengths)
+            docs.add(batch)
+        check_totals(job.shards, writer.num_docs, writer.num_tokens)
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
     docs.close()
     tok = job.shards.manifest["tokenizer"]
@@ -106,11 +117,7 @@ def mixture_weights(job: ExportJob) -> dict[int, float]:
     return {int(d): float(w) for d, w in weights.items()}
 
 
-def write_blend(job: ExportJob) -> dict:
-    dtype = megatron_dtype(job.shards.vocab_size)
-    weights = mixture_weights(job)
-    writers: dict[int, IndexedDatasetWriter] = {}
-    docs = DocumentList(job.out)
+def _write_domains(job: ExportJob, weights: dict[int, float], writers: dict, docs: DocumentList, dtype) -> None:
     for batch in iter_document_batches(job.shards, masks=False):
         if batch.domain_ids is None:
             raise ExportError(f"{job.shards.shard_dir}: the shards have no domain_ids column, so there are no "
@@ -125,9 +132,22 @@ def write_blend(job: ExportJob) -> dict:
                 writers[d] = IndexedDatasetWriter(job.out, f"domain-{d:05d}", dtype)
             writers[d].add(part.input_ids, part.lengths)
         docs.add(batch)
-    num_docs = sum(w.num_docs for w in writers.values())
-    num_tokens = sum(w.num_tokens for w in writers.values())
-    check_totals(job.shards, num_docs, num_tokens)
+
+
+def write_blend(job: ExportJob) -> dict:
+    dtype = megatron_dtype(job.shards.vocab_size)
+    weights = mixture_weights(job)
+    writers: dict[int, IndexedDatasetWriter] = {}
+    docs = DocumentList(job.out)
+    try:
+        _write_domains(job, weights, writers, docs, dtype)
+        num_docs = sum(w.num_docs for w in writers.values())
+        num_tokens = sum(w.num_tokens for w in writers.values())
+        check_totals(job.shards, num_docs, num_tokens)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     for d in sorted(writers):
         writers[d].close()
     docs.close()

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.export.base import (DocumentList, ExportError, ExportFormat, ExportJob, cast_tokens, check_totals,
                                   unsigned_token_dtype)
 from pipeline.export.documents import iter_document_batches
+from pipeline.export.files import BackgroundFile
 
 TOKENS = "token_ids_part_00000.npy"
 METADATA = "token_ids_part_00000.csv.gz"
@@ -38,8 +39,7 @@ def write(job: ExportJob) -> dict:
     eos = int(tok["eos_id"])
     dtype = unsigned_token_dtype(job.shards.vocab_size)
     tmp = {name: job.out.temp(name) for name in (TOKENS, METADATA, LABEL_MASK)}
-    tokens = open(tmp[TOKENS], "wb", buffering=1 << 22)
-    masks = open(tmp[LABEL_MASK], "wb", buffering=1 << 22)
+    tokens, masks = BackgroundFile(tmp[TOKENS]), BackgroundFile(tmp[LABEL_MASK])
     # No file name and mtime 0 in the gzip header: the same shards give the same bytes.
     meta = io.TextIOWrapper(gzip.GzipFile(filename="", mode="wb", compresslevel=1, mtime=0,
                                           fileobj=open(tmp[METADATA], "wb")), encoding="ascii")
@@ -55,8 +55,8 @@ def write(job: ExportJob) -> dict:
             is_last[last] = True
             inner = eos_at[~is_last[eos_at]]  # EOS ids before a document's end: the documents holding them
             inner_eos += len(np.unique(np.searchsorted(ends, inner, side="right")))
-            tokens.write(memoryview(cast_tokens(batch.input_ids, dtype, TOKENS)))
-            masks.write(memoryview(batch.loss_mask.view(np.bool_)))  # 0/1 bytes: already bools
+            tokens.write(cast_tokens(batch.input_ids, dtype, TOKENS))
+            masks.write(batch.loss_mask)  # 0/1 bytes: already numpy's bools
             starts = (ends - batch.lengths + num_tokens).tolist()
             meta.write("".join(f"{s},{e}\n" for s, e in zip(starts, (ends + num_tokens).tolist())))
             docs.add(batch)

@@ -159,3 +159,23 @@ def test_config_export_section(shard_run, tmp_path):
         with pytest.raises(ConfigError, match=where):
             parse_config({**base, "export": [bad]})
     assert sorted(FORMATS) == ["datatrove", "hf", "megatron", "megatron-blend", "olmo"]
+
+
+def test_background_file_writes_in_order_and_raises_a_failed_write(tmp_path):
+    import numpy as np
+
+    from pipeline.export.files import BackgroundFile
+    parts = [np.arange(1000, dtype=np.int32), np.ones(7, np.uint8), b"tail", np.arange(5, dtype=np.uint16)[::1]]
+    with BackgroundFile(str(tmp_path / "out.bin"), depth=1) as f:
+        for p in parts:
+            f.write(p)
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(bytes(memoryview(p)) for p in parts)
+    # /dev/full refuses every write (ENOSPC): the error reaches the producer, naming the file.
+    full = BackgroundFile("/dev/full")
+    full.write(np.zeros(1 << 16, np.uint8))
+    with pytest.raises(OSError, match="/dev/full: write failed"):
+        try:
+            for _ in range(8):
+                full.write(np.zeros(1 << 16, np.uint8))
+        finally:
+            full.close()   # joins the thread either way
