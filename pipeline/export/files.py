@@ -1,6 +1,7 @@
 """Where one export's files go, and how each is committed (local disk or object storage).
 
-Big files are streamed to a local temporary file and committed whole:
+Big files are streamed to a local temporary file (token and mask streams by a `BackgroundFile`
+thread, so writing overlaps decoding) and committed whole:
 
 * local output: the temporary sits next to its target (`.tmp-<uuid>-<name>`, so a killed
   export leaves only names that `storage.remove_stale_temporaries` deletes); it is fsynced
