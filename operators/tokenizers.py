@@ -9,9 +9,10 @@ Encoding rules (the shards' contract):
 * BOS/EOS are added by the caller from `bos_id` / `eos_id` below.
 
 With `encoder="auto"` (the default) tiktoken encodings and convertible HF byte-level BPE
-files encode document text through a faster Rust BPE core that was verified at load to
-give the library's ids (operators/fast_bpe.py); `encoder` names what does, and
-`fallback_reason` why it is the library when a fast core was refused.
+files encode document text through a faster Rust core (fastokens, riptoken or tiktoken's)
+that was verified at load to give the library's ids (operators/fast_bpe.py); `encoder` names
+what does, and `fallback_reason` why it is the library when a fast core was refused.
+`encode_flat` gives the ids of a batch as one int32 buffer, straight from fastokens.
 
 Files are read through `pipeline.storage`-compatible callables passed in, so
 tokenizers can live on object storage; default is the local filesystem.
@@ -23,6 +24,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+
+import numpy as np
 
 ReadBytes = Callable[[str], bytes]
 
@@ -52,12 +55,21 @@ class LoadedTokenizer:
     _encode_text: Callable[[list[str]], list[list[int]]] | None = None
     _encode_markup: Callable[[str], list[int]] | None = None
     _decode: Callable[[list[int]], str] | None = None
-    encoder: str = "library"        # what encodes document text: riptoken, bpe-core:riptoken, hf-tokenizers, ...
+    encoder: str = "library"        # what encodes document text: fastokens, riptoken, bpe-core:riptoken, hf-tokenizers, ...
     fallback_reason: str | None = None  # why the library encodes it although a fast core was tried
+    _encode_flat: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, special-looking text encoded as text."""
         return self._encode_text(texts)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """encode_texts as (int32 ids back to back, int64 length of each text): straight from the
+        core's buffer when it gives one, without a Python int per token."""
+        if self._encode_flat is not None:
+            return self._encode_flat(texts)
+        from operators.fast_bpe import flat_of
+        return flat_of(self._encode_text(texts))
 
     def encode_markup(self, text: str) -> list[int]:
         """Template markup: special-token strings become their special ids."""
@@ -111,7 +123,7 @@ def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokeniz
         _encode_text=fast.encode_texts or (lambda texts: [enc.encode_ordinary(t) for t in texts]),
         _encode_markup=lambda text: enc.encode(text, allowed_special="all"),
         _decode=lambda ids: enc.decode(ids, errors="replace"),
-        encoder=fast.encoder, fallback_reason=fast.fallback_reason,
+        encoder=fast.encoder, fallback_reason=fast.fallback_reason, _encode_flat=fast.encode_flat,
     )
 
 
@@ -233,5 +245,5 @@ def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str
         eos_token=tok.id_to_token(eos) if eos is not None else None,
         _encode_text=fast.encode_texts or encode_text, _encode_markup=encode_markup,
         _decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
-        encoder=fast.encoder, fallback_reason=fast.fallback_reason,
+        encoder=fast.encoder, fallback_reason=fast.fallback_reason, _encode_flat=fast.encode_flat,
     )

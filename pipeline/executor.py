@@ -39,6 +39,10 @@ from pipeline.stages.base import Context, Item, Resources, Result
 
 TASK_RETRIES = 2   # re-runs of a task whose worker process died (not of a raised exception)
 
+# One encoding thread per worker: Ray gives each task one CPU, and the tokenizers' own pools
+# (HF tokenizers' rayon, fastokens' BPE threads) would otherwise each take every core.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "FASTOKENS_BPE_THREADS": "1"}
+
 
 def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = False) -> None:
     """Join a cluster only when asked (`--address`, RAY_ADDRESS, `ray.address`); otherwise start
@@ -51,7 +55,7 @@ def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = Fal
         # Workers import user code (config filters) the way the driver does: from its working directory.
         pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
         kwargs = {"address": "local", "include_dashboard": False,
-                  "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath,
+                  "runtime_env": {"env_vars": {**WORKER_ENV, "PYTHONPATH": pythonpath,
                                                **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}}}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus

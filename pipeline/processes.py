@@ -27,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 
 from pipeline.config import Config
-from pipeline.executor import TASK_RETRIES, Executor, Progress, _run_item, _run_worker_item
+from pipeline.executor import TASK_RETRIES, WORKER_ENV, Executor, Progress, _run_item, _run_worker_item
 from pipeline.layout import StageError
 from pipeline.stages.base import Context, Item, Resources
 from pipeline.tokenizer_cache import check_tokenizers, get_tokenizer
@@ -53,7 +53,8 @@ class LocalPool:
         self.config, self.cpus = config, config.ray.num_cpus or len(os.sched_getaffinity(0))
         # The pool's processes inherit these, as Ray's workers get them from the runtime_env;
         # and one math thread per process, as Ray gives its workers (no oversubscribed cores).
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for key, value in WORKER_ENV.items():
+            os.environ.setdefault(key, value)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.pool = self._start()

