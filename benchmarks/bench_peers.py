@@ -188,14 +188,12 @@ def measure_tokenmill(inp: dict, spec: str, tag: str, mode: str) -> dict:
 
 def _inproc(config_path: str) -> None:
     """Child process: start Ray, then time `pipeline.runner.run(config)` alone."""
-    import ray
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_config
-    from pipeline.executor import WORKER_ENV
+    from pipeline.executor import init_ray
     from pipeline.runner import run
     config = load_config(config_path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {**WORKER_ENV, "PYTHONPATH": str(ROOT)}})
+    init_ray(config.ray)   # as `tokenmill run` starts it (ray.num_cpus: 2)
     start = time.perf_counter()
     run(config)
     print(f"run_seconds {time.perf_counter() - start:.3f}", flush=True)

