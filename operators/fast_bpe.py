@@ -1,18 +1,18 @@
 """Byte-identical fast BPE encoding: tiktoken encodings and convertible HF tokenizer.json
-files run through a Rust BPE core, verified against the library encoder at load.
+files run through a Rust core, verified against the library encoder at load.
 
-Measured here, one thread, the 40.5 MB of plain shared text (benchmarks/bench_peers.py
-prints them next to the peers): cl100k 17.8 MB/s (riptoken, guarded) vs 10.0 (tiktoken);
-a GPT-2-shaped 50k tokenizer.json 22.2 MB/s vs 2.3 (HF tokenizers). Loading a 50k-vocab
-file takes 0.8 s with verification vs 0.16 s without (once per worker process).
+Measured here, one thread, the 40.5 MB of plain shared text, second pass (benchmarks/
+bench_peers.py prints them next to the peers): cl100k 213 MB/s (fastokens) vs 7.8 (tiktoken);
+a GPT-2-shaped 50k tokenizer.json 222 MB/s vs 1.8 (HF tokenizers). riptoken, before
+fastokens: 17.8 and 22.2. Building and verifying fastokens takes 0.9-1.9 s per process
+(riptoken 0.2-0.9 s); tokenizers.py keeps the choice per tokenizer file in a process.
 
 Cores, fastest first:
-* fastokens 0.3.5 (a Rust reimplementation of HF `tokenizers`, Apache-2.0): built from the
-  tiktoken ranks + pattern, or from the HF tokenizer.json itself; one call per batch returns
-  every id in one buffer (`encode_batch_flat`), so no Python int is made per token. One thread:
-  cl100k 64 MB/s on first sight of the text (151 with its word cache warm), 7.7 for tiktoken;
-  identical ids on 17 MB of the shared text. Young, hence only behind `verify` and with the
-  cores below as the fallback. A batch it cannot encode (a lone surrogate) goes to the library.
+* fastokens 0.3.5 (operators/flat_encode.py): built from the tiktoken ranks + pattern, or from
+  the HF tokenizer.json itself; one call per batch returns every id in one buffer. Its word
+  cache is bounded (RSS levels off ~80 MB above load after 800k distinct words). Young, hence
+  only behind `verify` and with the cores below as the fallback; a batch it cannot encode (a
+  lone surrogate) goes to the library.
 * riptoken 0.2.4 (`CoreBPE`, tiktoken's algorithm in Rust). It is NOT byte-identical on regex pieces of >= 500 bytes: its heap path pops
   equal-rank pairs rightmost-first where tiktoken and HF merge leftmost-first (ASCII art in
   20 Newsgroups hits it: 3 documents of the shared data). `_LongPieceGuard` sends every
@@ -30,24 +30,20 @@ Cores are called one text at a time: `encode_ordinary_batch` on one thread was n
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
-import itertools
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Callable
 
 import numpy as np
 
 from operators.fast_bpe_probes import PROBE_TEXTS
+from operators.flat_encode import FlatEncodeFn, fastokens_flat, fastokens_from_ranks, lists_of
 from operators.hf_bpe_convert import GPT2_BYTELEVEL_PATTERN, AddedSplitter, NotConvertible, hf_core_spec
 
 EncodeFn = Callable[[list[str]], list[list[int]]]
-FlatEncodeFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]   # (int32 ids back to back, int64 lengths)
 
 _CL100K_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 _R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -61,6 +57,7 @@ _O200K_PATTERN = "|".join([
 # other (+ newlines) or whitespace + [<= 3 chars]: what _LongPieceGuard relies on.
 _GUARDED_PATTERNS = frozenset({GPT2_BYTELEVEL_PATTERN, _CL100K_PATTERN, _R50K_PATTERN, _LLAMA3_PATTERN,
                                _QWEN2_PATTERN, _O200K_PATTERN})
+_FASTOKENS_PRESETS = {_CL100K_PATTERN: "cl100k_base", _O200K_PATTERN: "o200k_base"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +67,6 @@ class FastEncoding:
     encode_texts: EncodeFn | None     # None: the library encoder
     fallback_reason: str | None = None
     encode_flat: FlatEncodeFn | None = None  # the same ids in one buffer, when the core gives buffers
-
-
-def flat_of(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 ids back to back, int64 length of each list)."""
-    lengths = np.fromiter(map(len, lists), np.int64, len(lists))
-    return np.fromiter(itertools.chain.from_iterable(lists), np.int32, int(lengths.sum())), lengths
-
-
-def lists_of(ids: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
-    ends = np.cumsum(lengths).tolist()
-    return [ids[e - n:e].tolist() for e, n in zip(ends, lengths.tolist())]
 
 
 # --- cores ------------------------------------------------------------------------------
@@ -158,47 +144,9 @@ def _riptoken_core(ranks: dict[bytes, int], pattern: str) -> Callable[[str], lis
     return riptoken.CoreBPE(ranks, {}, pattern).encode_ordinary
 
 
-def _fastokens_flat(build: Callable, library: EncodeFn) -> FlatEncodeFn | None:
-    """A batch encoder over `build(fastokens.Tokenizer)`; None when fastokens is not installed."""
-    try:
-        import fastokens
-    except ImportError:
-        return None
-    tok = build(fastokens.Tokenizer)
-    tok.no_padding()
-    tok.no_truncation()
-
-    def encode_flat(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        try:   # split_special_tokens: special tokens in document text stay text, as encode_ordinary does
-            ids, offsets = tok.encode_batch_flat(texts, add_special_tokens=False, split_special_tokens=True)
-        except Exception:   # a lone surrogate (not UTF-8) or a regex limit: the library encodes the batch
-            return flat_of(library(texts))
-        return np.frombuffer(ids, np.int32), np.diff(np.frombuffer(offsets, np.int64))
-    return encode_flat
-
-
-def _from_ranks(ranks: dict[bytes, int], pattern: str) -> Callable:
-    """Builds a fastokens Tokenizer from ranks + pattern through a temporary .tiktoken file. A pattern
-    fastokens knows by name gets its hand-written pre-tokenizer (cl100k: 60-200 MB/s against 32-42
-    through the generic regex engine); `verify` checks it like any core."""
-    preset = {_CL100K_PATTERN: "cl100k_base", _O200K_PATTERN: "o200k_base"}.get(pattern)
-
-    def build(tokenizer_class):
-        with tempfile.NamedTemporaryFile("wb", suffix=".tiktoken", delete=False) as f:
-            for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-                f.write(base64.b64encode(token) + b" %d\n" % rank)
-        try:
-            if preset:
-                return tokenizer_class.from_tiktoken(f.name, encoding=preset, special_tokens={})
-            return tokenizer_class.from_tiktoken(f.name, pattern=pattern, special_tokens={})
-        finally:
-            os.remove(f.name)
-    return build
-
-
 def _verified_fastokens(build: Callable, library: EncodeFn, probes: list[str], reasons: list[str]) -> FastEncoding | None:
     try:
-        flat = _fastokens_flat(build, library)
+        flat = fastokens_flat(build, library)
     except Exception as e:
         reasons.append(f"fastokens: cannot build the core: {type(e).__name__}: {e}")
         return None
@@ -308,7 +256,7 @@ def fast_tiktoken(enc, mode: str = "auto") -> FastEncoding:
         return FastEncoding("tiktoken", None)
     library = lambda texts: [enc.encode_ordinary(t) for t in texts]   # noqa: E731
     reasons: list[str] = []
-    if fast := _verified_fastokens(_from_ranks(enc._mergeable_ranks, enc._pat_str), library, PROBE_TEXTS, reasons):
+    if fast := _verified_fastokens(fastokens_from_ranks(enc._mergeable_ranks, enc._pat_str, _FASTOKENS_PRESETS), library, PROBE_TEXTS, reasons):
         return fast
     for name, encode in candidate_encoders(enc._mergeable_ranks, enc._pat_str, library, exact=enc.encode_ordinary):
         if name == "tiktoken":

@@ -68,7 +68,7 @@ class LoadedTokenizer:
         core's buffer when it gives one, without a Python int per token."""
         if self._encode_flat is not None:
             return self._encode_flat(texts)
-        from operators.fast_bpe import flat_of
+        from operators.flat_encode import flat_of
         return flat_of(self._encode_text(texts))
 
     def encode_markup(self, text: str) -> list[int]:

