@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from operators import schema as S
 
+_BLOCK_ROWS = 1024  # rows gathered at a time (2M cells at seq_len 2048)
+
 
 @dataclasses.dataclass
 class PackStats:
@@ -122,30 +124,44 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
     cum = np.cumsum(plen) - plen
     offset_in_row = cum - np.repeat(cum[row_first], np.diff(np.r_[row_first, len(row)]))
 
-    # Gather tokens: rows hold their pieces back to back from offset 0, so the packed tokens of
-    # all rows, in row order, are exactly the positions where `valid` is set; one source index
-    # per token (its document's slice), then boolean-mask stores (cheaper than index scatters).
+    # Gather tokens: rows hold their pieces back to back from offset 0, so the packed tokens of a
+    # row block, in row order, are exactly its cells where `valid` is set; one source index per
+    # token (its document's slice), then boolean-mask stores (cheaper than index scatters). Blocks
+    # of _BLOCK_ROWS rows keep the index temporaries small: peak memory is the inputs and outputs.
     total = int(plen.sum())
     index = np.int32 if len(ids_v) < 2**31 and total < 2**31 else np.int64
-    step = np.arange(total, dtype=index)
-    k = step - np.repeat(cum.astype(index), plen)                        # position in its piece
-    src = k + np.repeat((offs[doc] + start).astype(index), plen)          # position in the documents
     num_tokens = np.bincount(row, weights=plen, minlength=n_rows).astype(np.int32)
-    valid = np.arange(seq_len, dtype=np.int32)[None, :] < num_tokens[:, None]
-
-    def packed(values: np.ndarray, dtype, fill) -> np.ndarray:
-        out = np.full((n_rows, seq_len), fill, dtype)
-        out[valid] = values
-        return out.reshape(-1)
-
-    out_ids = packed(ids_v[src], np.int32, pad_id)
-    tgt_src = tgt_v[src]
-    out_tgt = packed(tgt_src, np.uint8, 0)
+    cells = n_rows * seq_len
+    out_ids = np.full(cells, pad_id, np.int32)
+    out_tgt = np.zeros(cells, np.uint8)
+    out_loss = np.zeros(cells, np.uint8)
+    out_pos = np.zeros(cells, np.int32)
+    out_scores = np.full(cells, np.nan, np.float16) if has_scores else None
+    out_ref = np.full(cells, np.nan, np.float32) if has_ref_loss else None
+    src_start = (offs[doc] + start).astype(index)
+    positions = np.arange(seq_len, dtype=np.int32)
+    for r0 in range(0, n_rows, _BLOCK_ROWS):
+        r1 = min(n_rows, r0 + _BLOCK_ROWS)
+        p0, p1 = np.searchsorted(row, [r0, r1])
+        pl = plen[p0:p1]
+        k = np.arange(int(pl.sum()), dtype=index)
+        k -= np.repeat((cum[p0:p1] - cum[p0]).astype(index), pl)          # position in its piece
+        src = np.repeat(src_start[p0:p1], pl)
+        src += k                                                           # position in the documents
+        valid = (positions[None, :] < num_tokens[r0:r1, None]).reshape(-1)
+        cell = slice(r0 * seq_len, r1 * seq_len)
+        out_ids[cell][valid] = ids_v[src]
+        tgt_src = tgt_v[src]
+        out_tgt[cell][valid] = tgt_src
+        out_loss[cell][valid] = loss_v[src] if has_loss else tgt_src
+        out_pos[cell][valid] = k
+        if has_scores:
+            out_scores[cell][valid] = score_v[src]
+        if has_ref_loss:
+            out_ref[cell][valid] = ref_v[src]
     piece_start_dst = row * seq_len + offset_in_row
     out_tgt[piece_start_dst] = 0
-    out_loss = packed(loss_v[src] if has_loss else tgt_src, np.uint8, 0)
     out_loss &= out_tgt
-    out_pos = packed(k, np.int32, 0)
 
     def fixed(values: np.ndarray, typ) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(values, typ), seq_len)
@@ -164,10 +180,8 @@ def pack_table(table: pa.Table, *, seq_len: int, pad_id: int, method: str = "bes
         S.NUM_TOKENS: pa.array(num_tokens, pa.int32()),
     }
     if has_scores:
-        out_scores = packed(score_v[src].astype(np.float16), np.float16, np.nan)
         cols[S.TOKEN_SCORES] = fixed(out_scores, pa.float16())
     if has_ref_loss:  # float32 (it is subtracted from a live loss), NaN wherever not a target
-        out_ref = packed(ref_v[src].astype(np.float32), np.float32, np.nan)
         out_ref[out_tgt == 0] = np.nan
         cols[S.REF_LOSS] = fixed(out_ref, pa.float32())
     if has_domains:

@@ -18,21 +18,25 @@ FORMAT = "tokenmill.shards"
 VERSION = 1
 
 
-def ipc_bytes(table: pa.Table, *, compression: str | None, rows_per_batch: int = 256, level: int | None = None) -> bytes:
-    """Serialise a table as an Arrow IPC file with fixed-size record batches."""
+def ipc_bytes(table: pa.Table, *, compression: str | None, rows_per_batch: int = 256,
+              level: int | None = None) -> memoryview:
+    """Serialise a table as an Arrow IPC file with fixed-size record batches (a view of Arrow's
+    buffer: no copy into a Python bytes object, which held a shard's bytes twice)."""
     codec = None if compression in (None, "none") else pa.Codec(compression, compression_level=level)
     options = pa.ipc.IpcWriteOptions(compression=codec)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         for batch in table.to_batches(max_chunksize=rows_per_batch):
             writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return memoryview(sink.getvalue())
 
 
 def write_table(path: str, table: pa.Table, *, compression: str | None, rows_per_batch: int = 256,
                 level: int | None = None) -> dict:
     """Atomically write one IPC file; returns {bytes, sha256}."""
-    data = ipc_bytes(table.combine_chunks(), compression=compression, rows_per_batch=rows_per_batch, level=level)
+    if any(c.num_chunks > 1 for c in table.columns):   # the packer's tables are one chunk already
+        table = table.combine_chunks()
+    data = ipc_bytes(table, compression=compression, rows_per_batch=rows_per_batch, level=level)
     return {"bytes": len(data), "sha256": storage.write_atomic(path, data)}
 
 
