@@ -27,10 +27,10 @@ scale over its extra time), ratio to the faster peer, peak RSS of the process tr
 every 50 ms) and intermediate bytes written per input byte (files under run_dir other than
 shards/ and markers, polled; peers: files outside their final outputs).
 
-Measured (2026-12-03, quiet 2 cores, `--scales 1,4 --tokenizers gpt2,cl100k`): GPT-2 file, whole
-process at 162 MB: `--processes` 10.1 s, `tokenmill run` on Ray 15.7 s, DataTrove 41.8 s (4.13x /
-2.65x); steady state 25.4 MB/s (`--processes`) vs the fast core's 25.2 on 2 processes and
-DataTrove's 3.98 (6.4x); cl100k steady 24.7-26.7 MB/s vs riptoken's 33.6 (0.74-0.80).
+Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`): GPT-2 file, whole process at
+162 MB: `--processes` 8.2 s, in process 8.0 s, `tokenmill run` on Ray 17.2 s, DataTrove 55.0 s (6.7x /
+6.9x / 3.2x); steady state x1->x4 55 MB/s (`--processes`) vs DataTrove's 3.05 (18x); the fast
+core (fastokens) encodes 205-218 MB/s, so a run reaches 0.23-0.36 of it; cl100k 48-74 MB/s vs 313.
 """
 from __future__ import annotations
 
