@@ -10,7 +10,7 @@ def _run(args) -> int:
     from pipeline.config import load_config
     from pipeline.runner import run
     config = load_config(args.config, args.set + (["ray.backend=processes"] if args.processes else []))
-    outputs = run(config, address=args.address, verbose=args.verbose)
+    outputs = run(config, address=args.address, verbose=args.verbose, release_ray=True)
     for name, manifest in outputs.items():
         print(f"{name}: {manifest}")
     return 0

@@ -120,7 +120,7 @@ def _train_sentencepiece(docs: list[dict], prefix: str) -> str:
     sentences = [line for d in docs for line in d["text"].splitlines() if line.strip()][:200_000]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=4000,
-                                   model_type="unigram", character_coverage=0.9995, num_threads=1,
+                                   model_type="bpe", character_coverage=0.9995, num_threads=1,
                                    bos_id=1, eos_id=2, unk_id=0, pad_id=3, minloglevel=2,
                                    input_sentence_size=200_000, shuffle_input_sentence=False)
     storage.write_atomic(model, buf.getvalue())
@@ -169,7 +169,7 @@ def run_demo(run_dir: str, overrides: list[str] | None = None, address: str | No
     for assignment in overrides or []:
         apply_override(data, assignment)
     config = parse_config(data, origin="(demo)")
-    outputs = run(config, address=address)
+    outputs = run(config, address=address, release_ray=True)
     for name in outputs:
         verify_shards(storage.join(run_dir, "shards", name))
     print(inspect_run(run_dir))

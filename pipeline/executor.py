@@ -24,9 +24,12 @@ reserve a whole CPU can take every CPU and starve the tasks that feed them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from unittest import mock
@@ -45,30 +48,123 @@ TASK_RETRIES = 2   # re-runs of a task whose worker process died (not of a raise
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "FASTOKENS_BPE_THREADS": "1"}
 
 
+def _init_args(ray_cfg: RayConfig, address: str | None, verbose: bool) -> tuple[dict, dict[str, str]]:
+    """ray.init's keyword arguments, and the environment a fresh local cluster's workers need."""
+    address = address or os.environ.get("RAY_ADDRESS") or ray_cfg.address
+    if address is not None:
+        return {"address": address}, {}
+    # Workers import user code (config filters) the way the driver does: from its working directory.
+    pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    worker_env = {**WORKER_ENV, "PYTHONPATH": pythonpath, **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}
+    kwargs: dict = {"address": "local", "include_dashboard": False}
+    if ray_cfg.num_cpus:
+        kwargs["num_cpus"] = ray_cfg.num_cpus
+    if ray_cfg.num_gpus is not None:
+        kwargs["num_gpus"] = ray_cfg.num_gpus
+    return kwargs, worker_env
+
+
+def _ray_init(kwargs: dict, verbose: bool) -> None:
+    ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True, **kwargs)
+
+
 def init_ray(ray_cfg: RayConfig, address: str | None = None, verbose: bool = False) -> None:
     """Join a cluster only when asked (`--address`, RAY_ADDRESS, `ray.address`); otherwise start
     a fresh local Ray, even when an earlier `ray start` left a cluster file on this machine."""
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or ray_cfg.address
-    kwargs: dict = {}
-    worker_env: dict[str, str] = {}
-    if address is None:
-        # Workers import user code (config filters) the way the driver does: from its working directory.
-        pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
-        worker_env = {**WORKER_ENV, "PYTHONPATH": pythonpath, **({} if verbose else {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})}
-        kwargs = {"address": "local", "include_dashboard": False}
-        if ray_cfg.num_cpus:
-            kwargs["num_cpus"] = ray_cfg.num_cpus
-        if ray_cfg.num_gpus is not None:
-            kwargs["num_gpus"] = ray_cfg.num_gpus
-    else:
-        kwargs["address"] = address
+    kwargs, worker_env = _init_args(ray_cfg, address, verbose)
     # A local cluster's raylet takes this process's environment when it starts, and its workers
     # take the raylet's: that carries worker_env at no cost, where a runtime_env made each first
     # task wait ~1.2 s longer (measured on 2 cores). The driver's own environment is put back.
     with mock.patch.dict(os.environ, worker_env):   # set for ray.init only, then restored
-        ray.init(logging_level=logging.INFO if verbose else logging.WARNING, log_to_driver=True, **kwargs)
+        _ray_init(kwargs, verbose)
+
+
+class RayStart:
+    """A run's Ray, started in a thread: a local cluster takes ~5 s to start on 2 cores, and the
+    driver's own checks (inputs, tokenizers: ~2 s) run meanwhile; `wait()` before the first task.
+
+    The thread lives as long as the cluster: Ray ties the processes it starts to the thread that
+    starts them (PR_SET_PDEATHSIG is per thread), so they would die with a thread that returned.
+    With `release=True` (the CLI, whose process ends with the run), `release()` has that thread
+    shut Ray down once the stages are done, so its ~1.4 s overlaps the manifests and the report;
+    `close()` waits for it. A Ray already initialized (a caller's, a test's) is used as it is."""
+
+    def __init__(self, ray_cfg: RayConfig, address: str | None, verbose: bool, release: bool = False):
+        self.owned = not ray.is_initialized()
+        self._release = release and self.owned
+        self._error: BaseException | None = None
+        self._ready, self._done = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._env = None
+        if not self.owned:
+            self._ready.set()
+            return
+        kwargs, worker_env = _init_args(ray_cfg, address, verbose)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)   # what ray.init sets on the main thread
+        # Set here, in the main thread, and put back in wait(): the raylet takes it (see init_ray).
+        self._env = mock.patch.dict(os.environ, worker_env)
+        self._env.start()
+        self._thread = threading.Thread(target=self._own, args=(kwargs, verbose), name="ray", daemon=True)
+        self._thread.start()
+
+    def _own(self, kwargs: dict, verbose: bool) -> None:
+        try:
+            with _quiet_thread_warning():
+                _ray_init(kwargs, verbose)
+        except BaseException as e:  # raised in the driver's thread by wait()
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        self._done.wait()
+        ray.shutdown()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self._env is not None:
+            self._env.stop()
+            self._env = None
+        if self._error is not None:
+            raise self._error
+
+    def release(self) -> None:
+        """Begin shutting down a Ray this run started (release=True): nothing after runs on it."""
+        if self._release:
+            self._done.set()
+
+    def close(self) -> None:
+        self._ready.wait()
+        if self._env is not None:
+            self._env.stop()
+            self._env = None
+        if self._release and self._thread is not None:
+            self._done.set()
+            self._thread.join()
+            self._thread = None
+
+
+class _SigtermWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _exit_on_sigterm(signum, frame):
+    sys.exit(signum)
+
+
+@contextlib.contextmanager
+def _quiet_thread_warning():
+    """ray.init sets no SIGTERM handler off the main thread, and says so: RayStart sets the same
+    one (exit, so that atexit shuts Ray down) from the main thread, so the line is noise."""
+    log, flt = logging.getLogger("ray._private.worker"), _SigtermWarningFilter()
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
 
 
 def cluster_resources() -> dict[str, float]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections.abc import Callable
 
 import yaml
@@ -104,27 +105,30 @@ def prepare_run_dir(config: Config, layout: RunLayout) -> None:
 
 
 def run(config: Config, address: str | None = None, verbose: bool = False,
-        registry: list[type[Stage]] = STAGES) -> dict:
-    """Run every configured stage; returns {tokenizer name: manifest path}."""
+        registry: list[type[Stage]] = STAGES, release_ray: bool = False) -> dict:
+    """Run every configured stage; returns {tokenizer name: manifest path}. `release_ray` (the
+    CLI): a Ray this run started is shut down as soon as its stages are done."""
     check_inputs(config)
     config = staged_for_registered_stages(config, registry)
-    pool = None
     if config.ray.backend == "processes":  # start it now: its processes load while the driver checks
         if address:
             raise ConfigError(f"--address {address}: ray.backend: processes runs on this machine only")
         from pipeline.processes import LocalPool
-        pool = LocalPool(config)
+        backend = LocalPool(config)
+    else:  # likewise, Ray starts in a thread while the driver checks
+        from pipeline.executor import RayStart
+        backend = RayStart(config.ray, address, verbose, release=release_ray)
     try:
-        return _run(config, address, verbose, registry, pool)
+        return _run(config, verbose, registry, backend)
     finally:
-        if pool is not None:
-            pool.close()
+        backend.close()
 
 
-def _run(config: Config, address: str | None, verbose: bool, registry: list[type[Stage]], pool) -> dict:
+def _run(config: Config, verbose: bool, registry: list[type[Stage]], backend) -> dict:
     stages = plan_stages(config, registry)
     for stage in stages:
         stage.check()
+    pool = backend if config.ray.backend == "processes" else None
     tokenizers = pool.check_tokenizers() if pool is not None else check_tokenizers(config)
     layout = RunLayout(config.run_dir)
     storage.makedirs(layout.run_dir)
@@ -132,18 +136,21 @@ def _run(config: Config, address: str | None, verbose: bool, registry: list[type
     try:
         prepare_run_dir(config, layout)
         say(f"run_dir {config.run_dir}; stages: {', '.join(s.name for s in stages)}")
-        executor_cls, cluster = start_executor(config, address, verbose, pool)
+        executor_cls, cluster = start_executor(backend, pool)
         verification = verify_run_dir(layout)
         if verification.items:
             say(verification.line())
         run_state = Run(config, layout, say, cluster=cluster, tokenizers=tokenizers)
         executor = executor_cls(layout, run_state.context, say)
+        threading.Thread(target=_import_report, daemon=True).start()   # matplotlib (~0.7 s) while the stages run
         for i, stage in enumerate(stages):
             live = live_parts(run_state)
             results = stage.execute(run_state, executor)
             if i == 0:  # the reading stage (read, or the fused plain path)
                 report_duplicate_ids(run_state, stage.name, results or [], say)
             _remove_intermediates(config, layout, live - live_parts(run_state))
+        if pool is None:
+            backend.release()   # nothing below runs on Ray
         outputs = _write_manifests(config, layout, run_state)
         if config.export:
             from pipeline.export import run_exports
@@ -158,14 +165,22 @@ def _run(config: Config, address: str | None, verbose: bool, registry: list[type
     return outputs
 
 
-def start_executor(config: Config, address: str | None, verbose: bool, pool=None) -> tuple[Callable, dict[str, float]]:
+def _import_report() -> None:
+    try:
+        import pipeline.report.html  # noqa: F401
+    except Exception:  # noqa: BLE001 - write_report imports it again and raises there
+        pass
+
+
+def start_executor(backend, pool=None) -> tuple[Callable, dict[str, float]]:
     """The executor for this run and the CPUs/GPUs it has: Ray (a fresh local cluster, or the one
-    asked for), or with `ray.backend: processes` the run's local process pool (pipeline/processes.py)."""
+    asked for: `RayStart`), or with `ray.backend: processes` the run's local process pool
+    (pipeline/processes.py)."""
     if pool is not None:
         from pipeline.processes import ProcessExecutor
         return functools.partial(ProcessExecutor, pool=pool), {"CPU": float(pool.cpus)}
-    from pipeline.executor import Executor, cluster_resources, init_ray
-    init_ray(config.ray, address, verbose)
+    from pipeline.executor import Executor, cluster_resources
+    backend.wait()
     return Executor, cluster_resources()
 
 
