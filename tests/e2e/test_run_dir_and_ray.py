@@ -63,3 +63,39 @@ def test_a_plain_run_ignores_a_dead_cluster_left_by_ray_start(config_file, tmp_p
     r = tokenmill("run", str(config_file), "--set", f"run_dir={tmp_path / 'r'}", env=env, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "r" / "shards" / "cl100k" / "manifest.json").exists()
+
+
+RAY_START_SCRIPT = """
+import os, sys, time
+import ray
+from pipeline.config import RayConfig
+from pipeline.executor import WORKER_ENV, RayStart
+
+start = RayStart(RayConfig(num_cpus=1), None, False, release=True)
+start.wait()
+time.sleep(2)   # the cluster must outlive ray.init's return (Ray ties it to the thread that started it)
+
+@ray.remote
+def worker_env():
+    return {k: os.environ.get(k) for k in WORKER_ENV}, os.environ.get("PYTHONPATH", "")
+
+env, pythonpath = ray.get(worker_env.remote(), timeout=60)
+assert env == WORKER_ENV, env
+assert os.getcwd() in pythonpath.split(os.pathsep), pythonpath
+assert not any(k in os.environ for k in WORKER_ENV), "the driver's environment was not put back"
+start.release()
+start.close()
+assert not ray.is_initialized()
+print("ok")
+"""
+
+
+def test_ray_started_in_a_thread_serves_tasks_with_the_worker_env_and_is_released(tmp_path):
+    """RayStart (how `tokenmill run` starts Ray while the driver checks): the cluster lives on after
+    ray.init returns in its thread, its workers get WORKER_ENV and the driver's working directory
+    on PYTHONPATH while the driver's own environment is left as it was, and release() shuts it down."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTOKENS_BPE_THREADS", "TOKENIZERS_PARALLELISM", "RAY_ADDRESS")}
+    r = subprocess.run([sys.executable, "-c", RAY_START_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                       timeout=180, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert "SIGTERM handler is not set" not in r.stderr
