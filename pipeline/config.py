@@ -84,7 +84,7 @@ class SourceConfig(_Strict):
 class ReadConfig(_Strict):
     chunk_bytes: int = Field(8 << 20, ge=1 << 10, description="text bytes per read part (staged path: per shard)")
     max_doc_chars: int = Field(50_000_000, ge=1, description="longer documents are quarantined")
-    range_bytes: int = Field(32 << 20, ge=1 << 10, description="fused path: input bytes per task for plain line files")
+    range_bytes: int = Field(16 << 20, ge=1 << 10, description="fused path: input bytes per task for plain line files")
 
 
 class TokenizerConfig(_Strict):
