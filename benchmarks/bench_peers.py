@@ -27,10 +27,10 @@ scale over its extra time), ratio to the faster peer, peak RSS of the process tr
 every 50 ms) and intermediate bytes written per input byte (files under run_dir other than
 shards/ and markers, polled; peers: files outside their final outputs).
 
-Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`): GPT-2 file, whole process at
-162 MB: `--processes` 8.2 s, in process 8.0 s, `tokenmill run` on Ray 17.2 s, DataTrove 55.0 s (6.7x /
-6.9x / 3.2x); steady state x1->x4 55 MB/s (`--processes`) vs DataTrove's 3.05 (18x); the fast
-core (fastokens) encodes 205-218 MB/s, so a run reaches 0.23-0.36 of it; cl100k 48-74 MB/s vs 313.
+Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`, second run): GPT-2 file, whole
+process at 162 MB: `--processes` 6.4 s, in process 6.7 s, `tokenmill run` on Ray 13.0 s, DataTrove
+49.3 s (7.7x / 7.4x / 3.8x); steady state x1->x8 58-73 MB/s vs DataTrove's 3.73 (16-20x); the fast
+core (fastokens) encodes 204-351 MB/s, so a run reaches 0.17-0.21 of it; peak RSS x1->x8 1.05-1.06x.
 """
 from __future__ import annotations
 
