@@ -125,11 +125,15 @@ class RayStart:
         self._done.wait()
         ray.shutdown()
 
-    def wait(self) -> None:
+    def _started(self) -> None:
+        """Wait until ray.init has returned or failed, then give the driver its own environment back."""
         self._ready.wait()
         if self._env is not None:
             self._env.stop()
             self._env = None
+
+    def wait(self) -> None:
+        self._started()
         if self._error is not None:
             raise self._error
 
@@ -139,10 +143,7 @@ class RayStart:
             self._done.set()
 
     def close(self) -> None:
-        self._ready.wait()
-        if self._env is not None:
-            self._env.stop()
-            self._env = None
+        self._started()
         if self._release and self._thread is not None:
             self._done.set()
             self._thread.join()
