@@ -77,7 +77,10 @@ def sp_model(tmp_path_factory, training_texts) -> pathlib.Path:
 def local_ray():
     """One real local Ray for every integration test in the session."""
     import ray
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+    from pipeline.config import RayConfig
+    from pipeline.executor import init_ray
+    os.environ.pop("RAY_ADDRESS", None)   # a fresh local cluster, never one the environment names
+    init_ray(RayConfig(num_cpus=2))        # as `tokenmill run` starts it
     yield ray
     ray.shutdown()

@@ -83,6 +83,12 @@ env, pythonpath = ray.get(worker_env.remote(), timeout=60)
 assert env == WORKER_ENV, env
 assert os.getcwd() in pythonpath.split(os.pathsep), pythonpath
 assert not any(k in os.environ for k in WORKER_ENV), "the driver's environment was not put back"
+# a lean head: neither the autoscaler's monitor nor the API server runs, and Ray's Node is put back
+from ray._private import node, ray_constants as rc
+started = set(ray._private.worker._global_node.all_processes)
+assert rc.PROCESS_TYPE_RAYLET in started and not started & {rc.PROCESS_TYPE_MONITOR, rc.PROCESS_TYPE_DASHBOARD}, started
+assert node.Node.start_monitor.__qualname__ == "Node.start_monitor", node.Node.start_monitor
+assert node.Node.start_api_server.__qualname__ == "Node.start_api_server", node.Node.start_api_server
 start.release()
 start.close()
 assert not ray.is_initialized()
@@ -93,7 +99,8 @@ print("ok")
 def test_ray_started_in_a_thread_serves_tasks_with_the_worker_env_and_is_released(tmp_path):
     """RayStart (how `tokenmill run` starts Ray while the driver checks): the cluster lives on after
     ray.init returns in its thread, its workers get WORKER_ENV and the driver's working directory
-    on PYTHONPATH while the driver's own environment is left as it was, and release() shuts it down."""
+    on PYTHONPATH while the driver's own environment is left as it was, the head starts without
+    the monitor and the API server (and Ray's Node class is restored), and release() shuts it down."""
     env = {k: v for k, v in os.environ.items() if k not in ("FASTOKENS_BPE_THREADS", "TOKENIZERS_PARALLELISM", "RAY_ADDRESS")}
     r = subprocess.run([sys.executable, "-c", RAY_START_SCRIPT], cwd=REPO, capture_output=True, text=True,
                        timeout=180, env=env)
