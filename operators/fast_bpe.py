@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import platform
 import re
 import unicodedata
 from collections.abc import Callable
@@ -144,7 +146,10 @@ def _riptoken_core(ranks: dict[bytes, int], pattern: str) -> Callable[[str], lis
     return riptoken.CoreBPE(ranks, {}, pattern).encode_ordinary
 
 
-def _verified_fastokens(build: Callable, library: EncodeFn, probes: list[str], reasons: list[str]) -> FastEncoding | None:
+def _verified_fastokens(build: Callable, library: EncodeFn, probes: list[str], reasons: list[str],
+                        trusted: bool = False) -> FastEncoding | None:
+    """fastokens when it gives the library's ids on `probes`; `trusted`: this build of this file
+    was verified so by the run's driver (`core_key`), and the probes are not encoded again."""
     try:
         flat = fastokens_flat(build, library)
     except Exception as e:
@@ -153,11 +158,33 @@ def _verified_fastokens(build: Callable, library: EncodeFn, probes: list[str], r
     if flat is None:
         return None
     encode = lambda texts: lists_of(*flat(texts))   # noqa: E731
-    why = verify(encode, library, probes)
+    why = None if trusted else verify(encode, library, probes)
     if why is not None:
         reasons.append(f"fastokens: {why}")
         return None
     return FastEncoding("fastokens", encode, encode_flat=flat)
+
+
+@functools.cache
+def _build_digest() -> str:
+    """What decides a fastokens verification besides the tokenizer itself: the builds of
+    fastokens and of the libraries it is checked against, the machine, and the probe texts."""
+    from importlib import metadata
+    parts = [platform.machine()]
+    for dist in ("fastokens", "tokenizers", "tiktoken"):
+        try:
+            parts.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist}=-")
+    parts += PROBE_TEXTS
+    return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def core_key(tokenizer_sha256: str) -> str:
+    """Names one fastokens verification: the same tokenizer under the same builds gives the same
+    verdict, so a worker handed this key by the driver that verified it skips the probes (0.5-1 s
+    per process for a 50k vocabulary: every vocab token is a probe)."""
+    return f"fastokens:{tokenizer_sha256}:{_build_digest()}"
 
 
 def _core_encoder(one: Callable, exact: Callable | None, on_surrogate: EncodeFn) -> EncodeFn:
@@ -250,13 +277,14 @@ def verify(fast: EncodeFn, library: EncodeFn, texts: list[str]) -> str | None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def fast_tiktoken(enc, mode: str = "auto") -> FastEncoding:
-    """The fastest verified encoder for a tiktoken Encoding's `encode_ordinary`."""
+def fast_tiktoken(enc, mode: str = "auto", trusted: bool = False) -> FastEncoding:
+    """The fastest verified encoder for a tiktoken Encoding's `encode_ordinary`; `trusted`: its
+    fastokens core was verified by the run's driver (`core_key`)."""
     if mode == "library":
         return FastEncoding("tiktoken", None)
     library = lambda texts: [enc.encode_ordinary(t) for t in texts]   # noqa: E731
     reasons: list[str] = []
-    if fast := _verified_fastokens(fastokens_from_ranks(enc._mergeable_ranks, enc._pat_str, _FASTOKENS_PRESETS), library, PROBE_TEXTS, reasons):
+    if fast := _verified_fastokens(fastokens_from_ranks(enc._mergeable_ranks, enc._pat_str, _FASTOKENS_PRESETS), library, PROBE_TEXTS, reasons, trusted):
         return fast
     for name, encode in candidate_encoders(enc._mergeable_ranks, enc._pat_str, library, exact=enc.encode_ordinary):
         if name == "tiktoken":
@@ -268,19 +296,24 @@ def fast_tiktoken(enc, mode: str = "auto") -> FastEncoding:
     return FastEncoding("tiktoken", None, "; ".join(reasons) or None)
 
 
-def fast_hf(tj: dict, library: EncodeFn, mode: str = "auto") -> FastEncoding:
-    """A verified core for an HF tokenizer.json (parsed), or the library encoder and why."""
+def fast_hf(text: str, library: EncodeFn, mode: str = "auto", trusted: bool = False) -> FastEncoding:
+    """A verified core for an HF tokenizer.json (its text), or the library encoder and why;
+    `trusted`: its fastokens core was verified by the run's driver (`core_key`)."""
     if mode == "library":
         return FastEncoding("hf-tokenizers", None)
+    # fastokens reads the tokenizer.json itself (added tokens and normalizer included)
+    build = lambda cls: cls.from_json_str(text)   # noqa: E731
+    reasons: list[str] = []
+    if trusted and (fast := _verified_fastokens(build, library, [], reasons, trusted=True)):
+        return fast
     try:
-        spec = hf_core_spec(tj)
+        spec = hf_core_spec(json.loads(text))
     except NotConvertible as e:
         return FastEncoding("hf-tokenizers", None, f"not convertible: {e}")
     splitter = AddedSplitter(spec.added, spec.nfc)
     probes = PROBE_TEXTS + _added_probes(spec.added) + _vocab_probes(spec.ranks)
-    reasons: list[str] = []
-    # fastokens reads the tokenizer.json itself (added tokens and normalizer included)
-    if fast := _verified_fastokens(lambda cls: cls.from_json_str(json.dumps(tj)), library, probes, reasons):
+    reasons = []
+    if fast := _verified_fastokens(build, library, probes, reasons):
         return fast
     for name, encode in candidate_encoders(spec.ranks, spec.pattern, library):
         if isinstance(encode, Exception):

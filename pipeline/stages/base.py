@@ -75,6 +75,7 @@ class Context:
     """What a worker process gets: the config and the run directory (picklable, small)."""
     config: Config
     layout: RunLayout
+    verified: tuple[str, ...] = ()   # fast tokenizer cores the driver verified (tokenizer_cache.verified_cores)
 
 
 @dataclasses.dataclass
@@ -91,10 +92,11 @@ class Run:
     shards: dict[str, list[Result]] = dataclasses.field(default_factory=dict)  # tokenizer -> pack results
     mixture_result: dict = dataclasses.field(default_factory=dict)       # mixture.json
     mixture: dict = dataclasses.field(default_factory=dict)              # the manifest's mixture block
+    verified: tuple[str, ...] = ()            # fast tokenizer cores the driver verified, for the workers
 
     @property
     def context(self) -> Context:
-        return Context(self.config, self.layout)
+        return Context(self.config, self.layout, self.verified)
 
     def documents_now_in(self, stage: str, rows: dict[str, int]) -> None:
         """After a stage that removes documents: its parts hold them now, with these row counts;

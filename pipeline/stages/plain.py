@@ -112,7 +112,7 @@ class Plain(Stage):
     @staticmethod
     def work(ctx: Context, item: InputRange) -> Result:
         config, layout = ctx.config, ctx.layout
-        tokenizers = [(t.name, get_tokenizer(config, i)) for i, t in enumerate(config.tokenize.tokenizers)]
+        tokenizers = [(t.name, get_tokenizer(config, i, ctx.verified)) for i, t in enumerate(config.tokenize.tokenizers)]
         writers = [_ShardWriter(ctx, name, op.tok.pad_id, item.index) for name, op in tokenizers]
         quarantine, rows_in, rows_out, text_bytes = [], 0, 0, 0
         n = config.tokenize.docs_per_batch

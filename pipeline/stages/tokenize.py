@@ -68,7 +68,7 @@ class TokenizeStage(Stage):
         docs, pruned = _documents(ctx, item)
         per_tokenizer = {}
         for t, tok in enumerate(config.tokenize.tokenizers):
-            op = get_tokenizer(config, t)
+            op = get_tokenizer(config, t, ctx.verified)
             out = tokenize_table(op, docs, config.tokenize.docs_per_batch)
             entry = {"tokens": int(pc.sum(out.column(S.NUM_TOKENS)).as_py() or 0)}
             if packed_in_tokenize(config, tok.name):

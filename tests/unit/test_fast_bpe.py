@@ -92,6 +92,37 @@ def test_conftest_byte_level_bpe_and_cl100k_use_a_fast_core(hf_bpe_dir):
     assert load_tokenizer(CL100K).encoder == "fastokens"
 
 
+@pytest.mark.parametrize("which", ["hf", "tiktoken"])
+def test_a_worker_skips_only_the_verification_its_driver_did_of_the_same_file_and_builds(which, hf_bpe_dir, shaped,
+                                                                                           monkeypatch):
+    """Context.verified: a core_key from the driver spares a worker the probes, for that tokenizer
+    file under those builds only; any other key, file or build is verified as before."""
+    from operators import tokenizers
+    spec, other = (f"hf:{hf_bpe_dir}", shaped["gpt2"]) if which == "hf" else (CL100K, f"hf:{hf_bpe_dir}")
+    monkeypatch.setattr(tokenizers, "_FAST_CACHE", {})
+    driver = load_tokenizer(spec)
+    assert driver.encoder == "fastokens" and driver.core_key
+    verified, real = [], fast_bpe.verify
+    monkeypatch.setattr(fast_bpe, "verify", lambda fast, library, texts: verified.append(len(texts)) or real(fast, library, texts))
+
+    def worker(s, trusted):
+        monkeypatch.setattr(tokenizers, "_FAST_CACHE", {})   # a fresh process
+        verified.clear()
+        tok = load_tokenizer(s, trusted=trusted)
+        return tok, bool(verified)
+
+    texts = [r["text"] for r in shared_rows("code_python_thealgorithms.jsonl.zst", 30)] + ["<|endoftext|> é 世界 \u200b  x"]
+    tok, probed = worker(spec, (driver.core_key,))
+    assert not probed and tok.encoder == "fastokens" and tok.core_key == driver.core_key
+    assert tok.encode_texts(texts) == driver.encode_texts(texts)
+    assert worker(spec, ())[1]                                   # nothing trusted: probed
+    other_tok, probed = worker(other, (driver.core_key,))        # another file: its own key, probed
+    assert probed and other_tok.core_key not in (None, driver.core_key)
+    monkeypatch.setattr(fast_bpe, "_build_digest", lambda: "another-build")
+    tok, probed = worker(spec, (driver.core_key,))               # another fastokens/tokenizers build: probed
+    assert probed and tok.core_key != driver.core_key
+
+
 def test_a_young_core_that_gives_other_ids_is_refused(monkeypatch, hf_bpe_dir):
     """fastokens is used only behind verify: a core whose ids are off by one is refused and the
     next verified core encodes."""
