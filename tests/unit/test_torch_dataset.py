@@ -71,7 +71,12 @@ def test_resume_after_any_number_of_samples_is_exact(shard_dir, num_workers):
     reference = ids_of(ShardDataset(shard_dir, seed=3, window_batches=2))  # the order, without workers
     total, batch_size = len(reference), 2
     for world_size in (1, 2):
-        for start in range(total + 1):
+        # Without workers, every start. With k workers, rank r's batches go round-robin to them, so
+        # the split repeats every batch_size * k * world_size samples: one whole period of starts
+        # and the last ones (each start costs a DataLoader of k processes).
+        period = batch_size * num_workers * world_size
+        starts = range(total + 1) if not num_workers else sorted({*range(period + 1), total - 1, total})
+        for start in starts:
             ranks = [loader_batches(shard_dir, num_workers, start_index=start, batch_size=batch_size,
                                     rank=r, world_size=world_size) for r in range(world_size)]
             seen = []
