@@ -27,10 +27,12 @@ scale over its extra time), ratio to the faster peer, peak RSS of the process tr
 every 50 ms) and intermediate bytes written per input byte (files under run_dir other than
 shards/ and markers, polled; peers: files outside their final outputs).
 
-Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`, second run): GPT-2 file, whole
-process at 162 MB: `--processes` 6.4 s, in process 6.7 s, `tokenmill run` on Ray 13.0 s, DataTrove
-49.3 s (7.7x / 7.4x / 3.8x); steady state x1->x8 58-73 MB/s vs DataTrove's 3.73 (16-20x); the fast
-core (fastokens) encodes 204-351 MB/s, so a run reaches 0.17-0.21 of it; peak RSS x1->x8 1.05-1.06x.
+Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`, after the lean local Ray and
+the workers' trust in the driver's verification): GPT-2 file, whole process at 162 MB: `tokenmill
+run` on Ray 11.6 s, `--processes` 7.6 s, in process 7.9 s, DataTrove 50.3 s (4.3x / 6.6x / 6.4x);
+on a slower host the same day DataTrove took 66.1 s and Ray 11.6 s (5.7x); steady state x1->x8
+50-70 MB/s vs DataTrove's 3.73 (13-19x); the fast core (fastokens) encodes 186-224 MB/s, so a run
+reaches 0.22-0.31 of it; peak RSS x1->x8 1.06-1.11x.
 """
 from __future__ import annotations
 
