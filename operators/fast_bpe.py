@@ -303,8 +303,8 @@ def fast_hf(text: str, library: EncodeFn, mode: str = "auto", trusted: bool = Fa
         return FastEncoding("hf-tokenizers", None)
     # fastokens reads the tokenizer.json itself (added tokens and normalizer included)
     build = lambda cls: cls.from_json_str(text)   # noqa: E731
-    reasons: list[str] = []
-    if trusted and (fast := _verified_fastokens(build, library, [], reasons, trusted=True)):
+    # trusted, but the core fails to build here: the full path below builds it again and says why
+    if trusted and (fast := _verified_fastokens(build, library, [], [], trusted=True)):
         return fast
     try:
         spec = hf_core_spec(json.loads(text))
@@ -312,7 +312,7 @@ def fast_hf(text: str, library: EncodeFn, mode: str = "auto", trusted: bool = Fa
         return FastEncoding("hf-tokenizers", None, f"not convertible: {e}")
     splitter = AddedSplitter(spec.added, spec.nfc)
     probes = PROBE_TEXTS + _added_probes(spec.added) + _vocab_probes(spec.ranks)
-    reasons = []
+    reasons: list[str] = []
     if fast := _verified_fastokens(build, library, probes, reasons):
         return fast
     for name, encode in candidate_encoders(spec.ranks, spec.pattern, library):
