@@ -101,7 +101,10 @@ def test_ray_started_in_a_thread_serves_tasks_with_the_worker_env_and_is_release
     ray.init returns in its thread, its workers get WORKER_ENV and the driver's working directory
     on PYTHONPATH while the driver's own environment is left as it was, the head starts without
     the monitor and the API server (and Ray's Node class is restored), and release() shuts it down."""
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTOKENS_BPE_THREADS", "TOKENIZERS_PARALLELISM", "RAY_ADDRESS")}
+    from pipeline.executor import WORKER_ENV
+    # none of the workers' variables in the driver, whatever ran before in this process (an
+    # in-process run on the process pool leaves them set: pipeline/processes.py)
+    env = {k: v for k, v in os.environ.items() if k not in (*WORKER_ENV, "RAY_ADDRESS")}
     r = subprocess.run([sys.executable, "-c", RAY_START_SCRIPT], cwd=REPO, capture_output=True, text=True,
                        timeout=180, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
