@@ -19,6 +19,7 @@ CPU only (`ray.num_gpus` must be 0), this machine only (`--address` is refused).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -33,11 +34,30 @@ from pipeline.stages.base import Context, Item, Resources
 from pipeline.tokenizer_cache import check_tokenizers, get_tokenizer
 
 _WORKERS: dict[str, object] = {}  # in a pool process: stage -> its Worker, built on the first item
+# What the pool's processes get, as Ray's workers get WORKER_ENV from the runtime_env; and one math
+# thread per process, as Ray gives its workers (no oversubscribed cores).
+POOL_ENV = {**WORKER_ENV, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def _pool_environment():
+    """POOL_ENV's unset keys in the driver's environment while the pool's processes start, then
+    removed again: a forkserver started now copies them (libraries that read them on import see
+    them), and a run in a user's process leaves that process's environment as it found it."""
+    added = {k: v for k, v in POOL_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _warm(config: Config) -> None:
     """Pool process initializer: load the run's tokenizers now, while the driver checks them.
     Best effort: an item that needs a tokenizer that failed here loads it again and reports why."""
+    for key, value in POOL_ENV.items():   # a forkserver started before this pool lacks them
+        os.environ.setdefault(key, value)
     try:
         for i in range(len(config.tokenize.tokenizers) if config.tokenize else 0):
             get_tokenizer(config, i)
@@ -51,19 +71,14 @@ class LocalPool:
 
     def __init__(self, config: Config):
         self.config, self.cpus = config, config.ray.num_cpus or len(os.sched_getaffinity(0))
-        # The pool's processes inherit these, as Ray's workers get them from the runtime_env;
-        # and one math thread per process, as Ray gives its workers (no oversubscribed cores).
-        for key, value in WORKER_ENV.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self.cpus, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_warm, initargs=(self.config,))
-        for _ in range(self.cpus):   # a process starts per submitted call: start them all now
-            pool.submit(os.getpid)
+        with _pool_environment():
+            pool = ProcessPoolExecutor(self.cpus, mp_context=multiprocessing.get_context("forkserver"),
+                                       initializer=_warm, initargs=(self.config,))
+            for _ in range(self.cpus):   # a process starts per submitted call: start them all now
+                pool.submit(os.getpid)
         return pool
 
     def check_tokenizers(self) -> dict[str, dict]:

@@ -102,8 +102,8 @@ def test_ray_started_in_a_thread_serves_tasks_with_the_worker_env_and_is_release
     on PYTHONPATH while the driver's own environment is left as it was, the head starts without
     the monitor and the API server (and Ray's Node class is restored), and release() shuts it down."""
     from pipeline.executor import WORKER_ENV
-    # none of the workers' variables in the driver, whatever ran before in this process (an
-    # in-process run on the process pool leaves them set: pipeline/processes.py)
+    # none of the workers' variables in the driver, whatever this pytest process set before
+    # (tests/conftest.py sets two of them for every test)
     env = {k: v for k, v in os.environ.items() if k not in (*WORKER_ENV, "RAY_ADDRESS")}
     r = subprocess.run([sys.executable, "-c", RAY_START_SCRIPT], cwd=REPO, capture_output=True, text=True,
                        timeout=180, env=env)

