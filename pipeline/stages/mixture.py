@@ -101,8 +101,8 @@ def mixture_data(ctx: Context, item: DataItem) -> Result:
                 kept[d] = kept.get(d, 0) + int(offsets[i + 1] - offsets[i])
     domains_N, tokens_N = np.concatenate(domains), np.concatenate(tokens)
     streams = {d: np.concatenate(chunks)[:m.domain_tokens] for d, chunks in streams.items()}
-    target = _target_rows(config, t) if m.target is not None else None
-    scored = [target] if target is not None else [_task_ids(config, t)]  # what the proxies are scored on
+    target = _target_rows(config, t, ctx.verified) if m.target is not None else None
+    scored = [target] if target is not None else [_task_ids(config, t, ctx.verified)]  # what the proxies are scored on
     vocab = proxy_vocab([s for d, s in streams.items() if d >= 0] + scored, m.proxy_vocab)
     save_npy(layout.path("mixture", "data", "vocab.npy"), vocab)
     buf = io.BytesIO()
@@ -117,11 +117,11 @@ def mixture_data(ctx: Context, item: DataItem) -> Result:
                   data={"domain_ids": ids_D.tolist(), "prior": prior_D.tolist(), "vocab_size": int(len(vocab)) + 1})
 
 
-def _target_rows(config, t: int) -> np.ndarray:
+def _target_rows(config, t: int, trusted: tuple[str, ...] = ()) -> np.ndarray:
     """The target corpus, tokenized by the search tokenizer, cut into proxy rows [n, seq_len]."""
     from pipeline.readers import expand_source, read_file
     m = config.mixture
-    op = get_tokenizer(config, t)
+    op = get_tokenizer(config, t, trusted)
     stream = []
     for path in expand_source(m.target):
         for chunk in read_file(m.target, path, config.read):
@@ -133,7 +133,7 @@ def _target_rows(config, t: int) -> np.ndarray:
     return flat[: n * m.proxy.seq_len].reshape(n, -1)
 
 
-def _task_ids(config, t: int) -> np.ndarray:
+def _task_ids(config, t: int, trusted: tuple[str, ...] = ()) -> np.ndarray:
     """Token ids of the task's questions and " " + choices, as eval_multiple_choice encodes them."""
     texts = []
     for n, line in enumerate(storage.read_text(config.mixture.task).splitlines(), 1):
@@ -145,7 +145,7 @@ def _task_ids(config, t: int) -> np.ndarray:
             raise ValueError(f"mixture.task {config.mixture.task} line {n}: expected an object, got {item!r:.100}")
         texts += [item["question"]] if isinstance(item.get("question"), str) else []
         texts += [" " + c for c in item.get("choices") or () if isinstance(c, str)]
-    ids = get_tokenizer(config, t).tok.encode_texts(texts) if texts else []
+    ids = get_tokenizer(config, t, trusted).tok.encode_texts(texts) if texts else []
     return np.concatenate([np.asarray(x, np.int64) for x in ids]) if ids else np.zeros(0, np.int64)
 
 
@@ -167,7 +167,7 @@ def proxy_trial(ctx: Context, item: Trial) -> Result:
     if m.target is not None:
         score = eval_loss(model, load_npy(layout.path("mixture", "data", "target.npy")))
     else:
-        op = get_tokenizer(config, search_tokenizer(config)[0])
+        op = get_tokenizer(config, search_tokenizer(config)[0], ctx.verified)
         questions = [json.loads(line) for line in storage.read_text(m.task).splitlines() if line.strip()]
         vocab = load_npy(layout.path("mixture", "data", "vocab.npy"))
         score = eval_multiple_choice(
