@@ -27,12 +27,16 @@ scale over its extra time), ratio to the faster peer, peak RSS of the process tr
 every 50 ms) and intermediate bytes written per input byte (files under run_dir other than
 shards/ and markers, polled; peers: files outside their final outputs).
 
-Measured (2026-12-03, 2 cores, `--scales 1,4,8 --tokenizers gpt2`, after the lean local Ray and
-the workers' trust in the driver's verification): GPT-2 file, whole process at 162 MB: `tokenmill
-run` on Ray 11.6 s, `--processes` 7.6 s, in process 7.9 s, DataTrove 50.3 s (4.3x / 6.6x / 6.4x);
-on a slower host the same day DataTrove took 66.1 s and Ray 11.6 s (5.7x); steady state x1->x8
-50-70 MB/s vs DataTrove's 3.73 (13-19x); the fast core (fastokens) encodes 186-224 MB/s, so a run
-reaches 0.22-0.31 of it; peak RSS x1->x8 1.06-1.11x.
+Also printed: where one process's time goes on the plain path (`Plain.work` on the x1 file, warm,
+each phase timed around the function that does it), and the bound it sets: every phase runs on
+the same cores as the encoder, so a run's steady state reaches at most the encode share of the
+core's own throughput.
+
+Measured (2026-12-03 evening, 2 cores, `--scales 1,4,8 --tokenizers gpt2`): whole process at 162 MB
+`tokenmill run` on Ray 9.6 s, `--processes` 7.9 s, in process 7.0 s, DataTrove 54.3 s (5.7x / 6.9x /
+7.8x); steady state x1->x8 47-59 MB/s vs DataTrove's 3.36 (14-17x); fastokens encodes 223-347 MB/s
+(warm), so a run reaches 0.14-0.17 of it, against a bound of 0.16 from the phases (read + validate
+6.0 ms/MB, pack 5.9, IPC + zstd 4.5, encode 4.2, write 3.5, tokenize 1.6); peak RSS x1->x8 1.06-1.14x.
 """
 from __future__ import annotations
 
@@ -315,6 +319,88 @@ def measure_raw(spec: str, file: pathlib.Path) -> list[tuple[str, str, str, floa
     return rows
 
 
+def _phases(config_path: str) -> None:
+    """Child process: where one process's time goes on the plain path (read -> tokenize -> pack ->
+    write, `Plain.work` on the whole x1 file, as one task of a run does it). The second pass is
+    timed (the encoder's caches warm, as in a run's steady state). Each phase is timed around the
+    function that does it; "encode" is the core alone and "tokenize" what tokenize.py adds around it."""
+    import collections
+    import shutil
+    sys.path.insert(0, str(ROOT))
+    from operators.tokenize import Tokenize
+    from pipeline import sink, storage
+    from pipeline.config import load_config
+    from pipeline.layout import RunLayout
+    from pipeline.stages import plain
+    from pipeline.stages.base import Context
+    from pipeline.tokenizer_cache import get_tokenizer
+    import operators.pack
+    spent: collections.Counter = collections.Counter()
+
+    def timed(name, fn):
+        def run(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return run
+
+    def timed_chunks(chunks):
+        def run(ctx, item):
+            it = chunks(ctx, item)
+            while True:
+                t = time.perf_counter()
+                chunk = next(it, None)
+                spent["read + validate"] += time.perf_counter() - t
+                if chunk is None:
+                    return
+                yield chunk
+        return run
+    operators.pack.pack_table = timed("pack", operators.pack.pack_table)
+    sink.ipc_bytes = timed("Arrow IPC + zstd", sink.ipc_bytes)
+    storage.write_atomic = timed("write + fsync", storage.write_atomic)
+    Tokenize._tokenize_plain = timed("tokenize", Tokenize._tokenize_plain)
+    plain._chunks = timed_chunks(plain._chunks)
+    config = load_config(config_path)
+    op = get_tokenizer(config, 0)
+    op.tok.encode_flat = timed("encode (the core)", op.tok.encode_flat)
+    item = plain.InputRange("r00000", 0, 0, config.sources[0].path)
+    for _pass in range(2):   # (the atomic writes create their directories)
+        shutil.rmtree(config.run_dir, ignore_errors=True)
+        layout = RunLayout(config.run_dir)
+        spent.clear()
+        start = time.perf_counter()
+        result = plain.Plain.work(Context(config, layout), item)
+        wall = time.perf_counter() - start
+    shutil.rmtree(config.run_dir, ignore_errors=True)
+    spent["tokenize"] -= spent["encode (the core)"]
+    spent["other"] = wall - sum(spent.values())
+    print(json.dumps({"mb": result.data["bytes_in"] / 1e6, "wall": wall, "phases": dict(spent)}))
+
+
+def measure_phases(inp: dict, spec: str, tag: str) -> dict:
+    run_dir = CACHE / "runs" / f"{tag}-phases"
+    config = tokenmill_config(inp, spec, run_dir)
+    sys.path.insert(0, str(ROOT))
+    from pipeline.executor import WORKER_ENV
+    env = {**os.environ, **WORKER_ENV}   # as a run's workers get it
+    out = subprocess.run([sys.executable, __file__, "_phases", str(config)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _print_phases(p: dict) -> None:
+    mb, wall = p["mb"], p["wall"]
+    print(f"one process, plain path on x1 ({mb:.1f} MB), warm: {wall:.2f} s = {mb / wall:.1f} MB/s a core")
+    for name, sec in sorted(p["phases"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:20s} {sec:6.2f} s  {1000 * sec / mb:6.2f} ms/MB  {100 * sec / wall:5.1f}%")
+    encode = p["phases"]["encode (the core)"]
+    print(f"  bound: every other phase runs on the same cores, so a run reaches at most the encode share, "
+          f"{encode / wall:.2f}, of the core's own throughput; 0.9 of it needs all the rest under "
+          f"{1000 * encode / 9 / mb:.2f} ms/MB (now {1000 * (wall - encode) / mb:.2f})")
+
+
 # --- report -------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -342,6 +428,7 @@ def main() -> None:
         for _, encoder, layout, mbs in raw:
             print(f"  {encoder:22s} {layout:12s} {mbs:7.2f} MB/s", flush=True)
         ceiling = max(mbs for which, *_, mbs in raw if which == "auto")
+        _print_phases(measure_phases(inputs[scales[0]], spec, f"{name}-x{scales[0]}"))
         results: dict[str, dict[int, dict]] = {}
         contenders = {"tokenmill run (CLI)": lambda inp, tag: measure_tokenmill(inp, spec, tag, "cli"),
                       "tokenmill --processes": lambda inp, tag: measure_tokenmill(inp, spec, tag, "processes"),
@@ -401,6 +488,8 @@ if __name__ == "__main__":   # DataTrove's executor re-imports this module: noth
         _datatrove(*sys.argv[2:5])
     elif len(sys.argv) > 1 and sys.argv[1] == "_inproc":
         _inproc(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_phases":
+        _phases(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "_raw":
         _raw(*sys.argv[2:6])
     else:
