@@ -64,6 +64,29 @@ def test_every_token_exactly_once_and_masks_consistent(method, seed):
     assert (pos[starts] == 0).all() and ((pos[~starts & ~pad]) > 0).all()
 
 
+@pytest.mark.parametrize("method", ["best_fit", "greedy"])
+def test_plain_documents_pack_as_the_general_mask_path_does(method):
+    """Plain documents (targets everywhere but the first token) skip the mask gather: the rows are
+    the same as when the masks are gathered, and one target 0 elsewhere takes the gathering path."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 300, 400)              # empty documents, and longer than seq_len
+    ids = [list(rng.integers(5, 1000, n)) for n in lengths]
+    masks = [np.r_[0, np.ones(n - 1)].astype(np.uint8) if n else np.zeros(0, np.uint8) for n in lengths]
+
+    def packed(masks, gathered):
+        t = tokenized_table(pa.array([f"doc{i}" for i in range(len(ids))]), ids, masks)
+        if gathered:   # a loss mask equal to the targets: the packer gathers both
+            t = t.append_column(S.LOSS_MASK, t.column(S.TARGET_MASK))
+        return pack_table(t, seq_len=128, pad_id=0, method=method)[0]
+    fast = packed(masks, gathered=False)
+    assert fast.equals(packed(masks, gathered=True))
+    inner = next(i for i, n in enumerate(lengths) if 10 < n < 100)
+    masks[inner][5] = 0
+    rows = packed(masks, gathered=False)
+    assert rows.equals(packed(masks, gathered=True)) and not rows.equals(fast)
+    assert unpack(rows, 128)[f"doc{inner}"][0][2][5] == 0
+
+
 def test_best_fit_beats_greedy_and_is_deterministic():
     rng = np.random.default_rng(7)
     table, _, _ = random_docs(rng, 2000, 300)
