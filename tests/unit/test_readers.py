@@ -65,6 +65,22 @@ def test_fast_and_slow_paths_agree(tmp_path):
     assert not qa and not qb
 
 
+@pytest.mark.parametrize("skipped", ["", "   ", "\t\r"])
+def test_a_skipped_line_cannot_balance_two_objects_on_one_line(tmp_path, skipped):
+    """Arrow's JSON reader skips blank and whitespace-only lines and reads `{..} {..}` as two rows:
+    together they keep its row count equal to the line count. The rows must still be the per-line
+    reading: the two-object line quarantined, the other rows at their own line numbers."""
+    rows = [json.dumps({"id": i, "text": f"row {i}"}) for i in range(6)]
+    lines = rows[:2] + [rows[2] + " " + rows[3], skipped] + rows[4:]
+    path = tmp_path / "two.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    docs, quarantine, rows_in = read_all(SourceConfig(path=str(path), text_field="text", id_field="id"), path)
+    assert docs.column(S.ID).to_pylist() == ["0", "1", "4", "5"]
+    assert docs.column(S.SOURCE_LINE).to_pylist() == [1, 2, 5, 6]
+    assert [(q["line"], q["reason"].split(":")[0]) for q in quarantine] == [(3, "invalid JSON")]
+    assert rows_in == 5
+
+
 def test_truncated_zstd_keeps_complete_lines_and_quarantines_the_tail(tmp_path):
     rows = [{"id": i, "text": f"row number {i} " + "y" * 50} for i in range(5000)]
     blob = zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in rows).encode())
