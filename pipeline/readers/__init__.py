@@ -17,7 +17,7 @@ A JSON Lines chunk is a block of whole lines cut at the last newline before
 `read.chunk_bytes` characters (after a line, resp. a batch). The cut points depend on the
 content only, so a file always gives the same chunks. Ids without an id field:
 `<file>:<line>` (1-based, blank lines counted) or `<file>:<row>` (0-based); a text file's id
-is `<file>`.
+is `<file>`. A UTF-8 byte order mark at the start of a JSON Lines or text file is skipped.
 
 Quarantine: rows that cannot be read become records {source, line|row, reason, raw?}
 instead of being dropped (reasons listed in validate.py; malformed JSON, invalid UTF-8 and

@@ -70,6 +70,30 @@ def decompressed_blocks(raw, codec: str, block: int = BLOCK_BYTES) -> Iterator[b
         raise TruncatedInput(f"{name} stream ends inside a {unit} (truncated or corrupt file)")
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """`blocks` less a UTF-8 byte order mark at the stream's start. Windows tools write one; JSON
+    forbids it (the first row would be quarantined) and a text document would begin with U+FEFF."""
+    head = b""
+    for data in blocks:
+        head += data
+        if len(head) >= len(UTF8_BOM):
+            break
+    else:   # the stream is shorter than a BOM
+        if head:
+            yield head
+        return
+    yield head[len(UTF8_BOM):] if head.startswith(UTF8_BOM) else head
+    yield from blocks
+
+
+def text_blocks(path: str, block: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """byte_blocks of a text file (JSON Lines, text), less a leading UTF-8 byte order mark."""
+    return without_bom(byte_blocks(path, block))
+
+
 def byte_blocks(path: str, block: int = BLOCK_BYTES) -> Iterator[bytes]:
     """Decompressed bytes of a file, by extension (.zst, .gz, or plain), in blocks."""
     codec = codec_of(path)

@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 
 from operators import schema as S
 from pipeline.config import ReadConfig, SourceConfig
-from pipeline.readers.blocks import byte_blocks
+from pipeline.readers.blocks import text_blocks
 from pipeline.readers.columns import validate_columns
 from pipeline.readers.lines import line_blocks
 from pipeline.readers.validate import Chunk, DocBuilder, body_fields
@@ -175,4 +175,4 @@ def read_jsonl_stream(source: SourceConfig, path: str, read_cfg: ReadConfig, blo
 
 
 def read_jsonl(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterator[Chunk]:
-    return read_jsonl_stream(source, path, read_cfg, byte_blocks(path))
+    return read_jsonl_stream(source, path, read_cfg, text_blocks(path))

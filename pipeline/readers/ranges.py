@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 from pipeline import storage
 from pipeline.config import ReadConfig, SourceConfig
-from pipeline.readers.blocks import BLOCK_BYTES, codec_of
+from pipeline.readers.blocks import BLOCK_BYTES, codec_of, without_bom
 from pipeline.readers.jsonl import read_jsonl_stream
 from pipeline.readers.text import read_text_lines
 from pipeline.readers.validate import Chunk
@@ -122,6 +122,7 @@ def read_range(source: SourceConfig, path: str, read_cfg: ReadConfig, start: int
         with storage.open_random_access(path) as f:
             first, first_line = _first_line_start(f, start, lines_before)
             if first < end:
-                yield from reader(source, path, read_cfg, _range_blocks(f, first, end), first_line)
+                blocks = _range_blocks(f, first, end)
+                yield from reader(source, path, read_cfg, without_bom(blocks) if first == 0 else blocks, first_line)
 
     return chunks()

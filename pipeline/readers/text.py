@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from operators import schema as S
 from pipeline.config import ReadConfig, SourceConfig
-from pipeline.readers.blocks import TruncatedInput, byte_blocks
+from pipeline.readers.blocks import TruncatedInput, text_blocks
 from pipeline.readers.lines import line_blocks
 from pipeline.readers.validate import Chunk, DocBuilder, too_long
 
@@ -106,7 +106,7 @@ def _read_text_file(source: SourceConfig, path: str, read_cfg: ReadConfig) -> It
     b = DocBuilder(source, path, read_cfg)
     limit = 4 * read_cfg.max_doc_chars
     parts, num_bytes = [], 0
-    blocks = byte_blocks(path)
+    blocks = text_blocks(path)
     try:
         for data in blocks:
             parts.append(data)
@@ -138,5 +138,5 @@ def _read_text_file(source: SourceConfig, path: str, read_cfg: ReadConfig) -> It
 
 def read_text(source: SourceConfig, path: str, read_cfg: ReadConfig) -> Iterator[Chunk]:
     if source.text_unit == "line":
-        return read_text_lines(source, path, read_cfg, byte_blocks(path))
+        return read_text_lines(source, path, read_cfg, text_blocks(path))
     return _read_text_file(source, path, read_cfg)

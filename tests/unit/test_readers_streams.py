@@ -138,3 +138,40 @@ def test_truncated_text_lines_keep_the_lines_before_the_damage(tmp_path):
     assert len(quarantine) == 1 and quarantine[0]["line"] == docs.num_rows + 1
     assert quarantine[0]["reason"].startswith("unreadable from this line on: zstd stream ends inside a frame")
     assert json.dumps(quarantine)  # records stay JSON-serialisable
+
+
+def _read(path, **source):
+    src = SourceConfig(path=str(path), **source)
+    chunks = list(read_file(src, str(path), ReadConfig(chunk_bytes=1 << 12)))
+    return pa.concat_tables([c.docs for c in chunks]), [q for c in chunks for q in c.quarantine]
+
+
+@pytest.mark.parametrize("suffix", ["", ".zst", ".gz"])
+def test_a_byte_order_mark_at_the_start_is_not_read_and_one_elsewhere_is(tmp_path, suffix):
+    """Windows tools start files with a UTF-8 BOM: JSON Lines read as without it (its first row is
+    not quarantined), nor do text documents begin with U+FEFF. Only the file's start is special."""
+    from pipeline.readers import plan_ranges, read_range
+    bom = b"\xef\xbb\xbf"
+    rows = b"".join(b'{"id": %d, "text": "row %d"}\n' % (i, i) for i in range(300))
+    for name, body in (("rows.jsonl", rows), ("lines.txt", b"first line\nsecond\n"), ("doc.txt", b"one document")):
+        path = tmp_path / (name + suffix)
+        data = bom + body
+        path.write_bytes(_compress(data, suffix) if suffix else data)
+        plain = tmp_path / f"plain-{name}"
+        plain.write_bytes(body)
+        source = {"text_field": "text", "id_field": "id"} if name.endswith("jsonl") else \
+            {"text_unit": "line" if name == "lines.txt" else "file"}
+        docs, quarantine = _read(path, **source)
+        expected, _ = _read(plain, **source)
+        assert not quarantine and docs.column(S.TEXT).equals(expected.column(S.TEXT))
+        assert docs.column(S.SOURCE_LINE).equals(expected.column(S.SOURCE_LINE))
+        if name == "rows.jsonl" and not suffix:   # the same file read as byte ranges
+            src = SourceConfig(path=str(path), **source)
+            got = [c.docs for a, b in plan_ranges(str(path), path.stat().st_size, 1000)
+                   for c in read_range(src, str(path), ReadConfig(), a, b)]
+            assert pa.concat_tables(got).column(S.TEXT).equals(expected.column(S.TEXT))
+    inner = tmp_path / "inner.jsonl"   # a BOM inside a file (here starting line 2) is a broken row
+    first = rows.index(b"\n") + 1
+    inner.write_bytes(rows[:first] + bom + rows[first:])
+    docs, quarantine = _read(inner, text_field="text", id_field="id")
+    assert docs.num_rows == 299 and [q["line"] for q in quarantine] == [2]
