@@ -35,11 +35,15 @@ each phase timed around the function that does it), and the bound it sets: every
 the same cores as the encoder, so a run's steady state reaches at most the encode share of the
 core's own throughput.
 
-Measured (2026-12-03 evening, 2 cores, `--scales 1,4,8 --tokenizers gpt2`): whole process at 162 MB
-`tokenmill run` on Ray 9.6 s, `--processes` 7.9 s, in process 7.0 s, DataTrove 54.3 s (5.7x / 6.9x /
-7.8x); steady state x1->x8 47-59 MB/s vs DataTrove's 3.36 (14-17x); fastokens encodes 223-347 MB/s
-(warm), so a run reaches 0.14-0.17 of it, against a bound of 0.16 from the phases (read + validate
-6.0 ms/MB, pack 5.9, IPC + zstd 4.5, encode 4.2, write 3.5, tokenize 1.6); peak RSS x1->x8 1.06-1.14x.
+Measured (2026-12-03 night, 2 cores, after the pack, tokenize and JSON-reader changes of that night):
+`--scales 1,4 --tokenizers gpt2,cl100k`: whole process at 162 MB `tokenmill run` on Ray 8.9 s,
+`--processes` 6.8 s, in process 6.6 s, DataTrove 51.8 s (5.8x / 7.6x / 7.9x); steady state x1->x4
+52-56 MB/s vs DataTrove's 3.29 (16-17x; Ray's x1 run was slow, its two-point estimate is noise);
+`--scales 1,4,8 --tokenizers gpt2 --skip-peers`: x8 (324 MB) in 10.1 / 7.9 / 7.1 s, steady x1->x8 76 /
+91 MB/s (`--processes` / in process) against fastokens' 372 = 0.20-0.24; the phases (read + validate
+4.0-5.0 ms/MB, pack 3.7-4.8, or 11 when its fresh pages fault slowly, IPC + zstd 4.6-4.8, encode 3.9-4.8,
+tokenize 1.0-1.2, write 0.6) bound a run at 0.17-0.22; peak RSS x1->x8 1.07-1.09x. Before (evening): 47-59
+MB/s steady, 0.14-0.17 of the core, phases read 6.0, pack 5.9, tokenize 1.6.
 The other paths (2026-12-03 night, `--scales 1,4 --tokenizers spm,wordpiece --skip-peers`): both are
 their encoder's speed. SentencePiece encodes 3.9-4.2 MB/s a thread (8.1-8.7 in 2 processes); the encode
 is 87% of a process's time on the plain path (pack 6%), and runs reach steady 7.7 / 7.9 / 8.5 MB/s
