@@ -4,7 +4,7 @@ A block is cut at the last newline before `chunk_bytes` bytes (or, for a line lo
 that, right after it): the cut points depend only on the content, never on how the stream
 was split into reads, so the same file always gives the same blocks. JSON Lines makes one
 chunk of each block. Lines are split on b"\n" only: a CRLF line keeps its "\r", which JSON
-ignores and the text reader keeps.
+ignores and the text reader drops.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 `text_unit: line` streams: blocks of whole lines (lines.py) are split, checked and kept
 column-wise with Arrow; each non-blank line is a document with id `<file>:<line>` (1-based,
 blank lines counted), and a chunk ends after the line that brings its kept text to
-`read.chunk_bytes` characters. A block with invalid UTF-8 goes line by line, so only its bad
+`read.chunk_bytes` characters. A line ends at "\n" or "\r\n" (the "\r" of a CRLF ending is not
+text, nor one "\r" ending the file; a "\r" elsewhere is). A block with invalid UTF-8 goes line by line, so only its bad
 lines are quarantined. Python heap: about 3 x chunk_bytes (pending bytes, the block, one
 read) plus the longest line; measured 26 MB at the 8 MiB default, the same for 17 and 50 MB files.
 
@@ -33,6 +34,8 @@ def _split_lines(data: bytes) -> pa.Array | None:
     offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int64))
     whole = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])  # no copy
     lines = pc.list_flatten(pc.split_pattern(whole, b"\n"))
+    if b"\r" in data:  # a CRLF file (data holds no line's "\n": its "\r" is each line's last byte)
+        lines = pc.replace_substring_regex(lines, "\r$", "", max_replacements=1)
     try:
         return lines.cast(pa.string())  # validates UTF-8
     except pa.ArrowInvalid:
@@ -75,6 +78,7 @@ def _add_lines(data: bytes, first_line: int, b: DocBuilder, chunk_bytes: int) ->
 
 def _add_lines_one_by_one(data: bytes, first_line: int, b: DocBuilder, chunk_bytes: int) -> Iterator[Chunk]:
     for i, raw in enumerate(data.split(b"\n"), start=first_line):
+        raw = raw.removesuffix(b"\r")
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -121,10 +121,26 @@ def test_text_lines_quarantine_only_their_bad_lines(tmp_path):
     path.write_bytes(gzip.compress(b"good one\nbad \xff here\n\ngood two\r\n"))
     chunks = list(read_file(SourceConfig(path=str(path), text_unit="line"), str(path), ReadConfig()))
     docs = pa.concat_tables([c.docs for c in chunks])
-    assert docs.column(S.TEXT).to_pylist() == ["good one", "good two\r"]  # CRLF: the "\r" stays text
+    assert docs.column(S.TEXT).to_pylist() == ["good one", "good two"]  # a CRLF ending is not text
     assert docs.column(S.ID).to_pylist() == [f"{path}:1", f"{path}:4"]
     [q] = [q for c in chunks for q in c.quarantine]
     assert q == {"source": str(path), "line": 2, "reason": "invalid UTF-8 at byte 4", "raw": "bad \\xff here"}
+
+
+@pytest.mark.parametrize("bad_line", [False, True], ids=["column-wise", "line by line"])
+def test_text_lines_end_at_crlf_and_keep_any_other_carriage_return(tmp_path, bad_line):
+    """Windows line endings: the "\r" of "\r\n" ends the line as the "\n" does (Python's
+    splitlines(), HF datasets' text loader), and so does one ending the file; a "\r" inside a line,
+    or a second one before the "\n", is the document's own. Both paths: a block with invalid
+    UTF-8 goes line by line."""
+    body = b"one\r\nin\rside\r\n\r\n \r\ntwo \r\r\nlast\r" + (b"\n\xff\r\n" if bad_line else b"")
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(body)
+    chunks = list(read_file(SourceConfig(path=str(path), text_unit="line"), str(path), ReadConfig()))
+    docs = pa.concat_tables([c.docs for c in chunks])
+    assert docs.column(S.TEXT).to_pylist() == ["one", "in\rside", "two \r", "last"]
+    assert docs.column(S.SOURCE_LINE).to_pylist() == [1, 2, 5, 6]
+    assert [q["line"] for c in chunks for q in c.quarantine] == ([7] if bad_line else [])
 
 
 def test_truncated_text_lines_keep_the_lines_before_the_damage(tmp_path):
