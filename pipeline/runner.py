@@ -212,4 +212,7 @@ def _write_manifests(config: Config, layout: RunLayout, run_state: Run) -> dict:
             c, p = m["counts"], m["packing"]
             say(f"shards/{name}: {c['rows']} rows of {m['seq_len']}, {c['docs']} docs, "
                 f"padding {p['padding_fraction']:.2%}, {p['split_docs']} split docs")
+            if not c["docs"]:
+                say(f"warning: shards/{name} holds no document: every row was filtered or quarantined, "
+                    "or the inputs hold none (the counts above say which)")
     return outputs

