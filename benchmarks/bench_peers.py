@@ -35,6 +35,10 @@ each phase timed around the function that does it), and the bound it sets: every
 the same cores as the encoder, so a run's steady state reaches at most the encode share of the
 core's own throughput.
 
+Measured (2026-12-04, 2 cores, once a `--processes` run stopped importing Ray): `--scales 1,4
+--tokenizers gpt2`: whole process at 162 MB on Ray 8.4 s, `--processes` 4.7 s, in process 5.3 s,
+DataTrove 48.3 s (5.8x / 10.3x / 9.1x); steady x1->x4 80 / 90 MB/s (`--processes` / in process) = 22-25x
+DataTrove's 3.61 and 0.23-0.26 of fastokens' 347; phases bound 0.24.
 Measured (2026-12-03 night, 2 cores, after the pack, tokenize and JSON-reader changes of that night):
 `--scales 1,4 --tokenizers gpt2,cl100k`: whole process at 162 MB `tokenmill run` on Ray 8.9 s,
 `--processes` 6.8 s, in process 6.6 s, DataTrove 51.8 s (5.8x / 7.6x / 7.9x); steady state x1->x4
