@@ -55,6 +55,7 @@ from bench_tokenize_pack import DATA, TEXT_FILES, load_texts  # noqa: E402
 CACHE = ROOT / "benchmarks" / ".cache" / "export"
 SEQ_LEN = 2048
 PART_BYTES = 8 << 20  # text per shard, like read.chunk_bytes
+CACHES = (("warm", ""), ("cold", "cold_"))  # (label, prefix of measure()'s keys)
 
 
 def build(mb: int, scale: int) -> tuple[pathlib.Path, pathlib.Path]:
@@ -252,27 +253,29 @@ def main() -> int:
     print(f"floor: decompressing the {args.scale}x shards' token and mask columns, nothing written: "
           f"{floor['seconds']:.2f} s, {floor['token_mb'] / floor['seconds']:.0f} MB/s of int32 tokens "
           f"({floor['token_mb']:.0f} MB incl. padding)", flush=True)
-    print(f"{'format':<10} {'scale':>5} {'cache':>5} {'shards MB':>10} {'out MB':>8} {'export s':>9} {'export MB/s':>12} "
-          f"{'copy MB/s':>10} {'ratio':>6} {'r/w copy MB/s':>14} {'ratio':>6} {'peak RSS MB':>12}")
+    print(f"{'format':<10} {'scale':>5} {'cache':>5} {'shards MB':>10} {'out MB':>8} {'export s':>9} "
+          f"{'export MB/s':>12} {'copy MB/s':>10} {'ratio':>6} {'r/w copy MB/s':>14} {'ratio':>6} {'peak RSS MB':>12}")
     for fmt in args.formats.split(","):
         got = {}
         for scale, run_dir in ((1, one), (args.scale, many)):
             r = got[scale] = measure(run_dir, fmt, args.repeat)
-            for cache, pre in (("warm", ""), ("cold", "cold_")):
+            for cache, pre in CACHES:
                 export_rate, copy_rate = r["out_mb"] / r[pre + "seconds"], r["out_mb"] / r[pre + "copy_seconds"]
                 rw_rate = r["out_mb"] / r[pre + "rw_copy_seconds"]
                 print(f"{fmt:<10} {scale:>4}x {cache:>5} {r['shard_mb']:>10.1f} {r['out_mb']:>8.1f} "
-                      f"{r[pre + 'seconds']:>9.2f} {export_rate:>12.1f} {copy_rate:>10.1f} {export_rate / copy_rate:>6.2f} "
-                      f"{rw_rate:>14.1f} {export_rate / rw_rate:>6.2f} {r['peak_rss_mb']:>12.0f}", flush=True)
+                      f"{r[pre + 'seconds']:>9.2f} {export_rate:>12.1f} {copy_rate:>10.1f} "
+                      f"{export_rate / copy_rate:>6.2f} {rw_rate:>14.1f} {export_rate / rw_rate:>6.2f} "
+                      f"{r['peak_rss_mb']:>12.0f}", flush=True)
         a, b = got[1], got[args.scale]
         ratio = b["peak_rss_mb"] / a["peak_rss_mb"]
-        for cache, pre in (("warm", ""), ("cold", "cold_")):
+        for cache, pre in CACHES:
             # marginal: the extra output of the big run over its extra time, fixed costs (imports, start-up) cancelled
             marginal = (b["out_mb"] - a["out_mb"]) / max(b[pre + "seconds"] - a[pre + "seconds"], 1e-9)
             copy_rate, rw_rate = b["out_mb"] / b[pre + "copy_seconds"], b["out_mb"] / b[pre + "rw_copy_seconds"]
             print(f"{fmt:<10} {cache} marginal {marginal:.1f} MB/s vs copy {copy_rate:.1f} MB/s: "
                   f"{marginal / copy_rate:.2f}, vs r/w copy {rw_rate:.1f} MB/s: {marginal / rw_rate:.2f}", flush=True)
-        print(f"{fmt:<10} peak RSS {args.scale}x / 1x: {ratio:.2f} ({'flat' if ratio <= 1.15 else 'NOT flat'})", flush=True)
+        print(f"{fmt:<10} peak RSS {args.scale}x / 1x: {ratio:.2f} ({'flat' if ratio <= 1.15 else 'NOT flat'})",
+              flush=True)
     return 0
 
 
